@@ -1,0 +1,122 @@
+"""The generic trainer: optimizer parity with torch, trainable/frozen split, best epoch, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.train import trainer
+
+
+def _params():
+    return {"backbone": {"w": jnp.ones((3, 2))}, "adapter": {"pos": jnp.zeros((2,)), "neg": jnp.zeros((2,))}}
+
+
+def test_param_labels_first_match_wins_and_unmatched_are_frozen():
+    labels = trainer.param_labels(_params(), [("adapter/neg", 5.0), ("adapter/.*", 1.0)])
+    assert labels == {"backbone/w": None, "adapter/pos": 1.0, "adapter/neg": 5.0}
+
+
+def test_partition_merge_roundtrip_and_no_state_for_frozen():
+    params = _params()
+    labels = trainer.param_labels(params, [("adapter/.*", 1.0)])
+    trainable, frozen = trainer.partition(params, labels)
+    assert set(trainable) == {"adapter"} and set(frozen) == {"backbone"}
+    merged = trainer.merge(trainable, frozen)
+    jax.tree.map(np.testing.assert_array_equal, merged, params)
+    tx = trainer.make_optimizer({"name": "adamw", "lr": 1e-3}, labels, 10)
+    state_leaves = jax.tree.leaves(tx.init(trainable))
+    assert sum(x.size for x in state_leaves if x.ndim) == 2 * 4  # mu and nu of the 4 adapter scalars only
+
+
+def test_no_trainable_parameter_is_an_error():
+    labels = trainer.param_labels(_params(), [("nothing", 1.0)])
+    with pytest.raises(ValueError, match="no parameter trainable"):
+        trainer.make_optimizer({"name": "adamw", "lr": 1e-3}, labels, 10)
+
+
+def test_adamw_cosine_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    a, b, x0 = rng.normal(size=(8, 4)), rng.normal(size=(8,)), rng.normal(size=(4,))
+    steps, lr, mult = 12, 0.05, 5.0
+
+    labels = {"x": mult}
+    tx = trainer.make_optimizer({"name": "adamw", "lr": lr, "eps": 1e-3, "weight_decay": 0.1}, labels, steps)
+    params = {"x": jnp.asarray(x0, jnp.float32)}
+    opt = tx.init(params)
+    loss = lambda p: jnp.sum((jnp.asarray(a, jnp.float32) @ p["x"] - b) ** 2)
+    for _ in range(steps):
+        g = jax.grad(loss)(params)
+        upd, opt = tx.update(g, opt, params)
+        params = jax.tree.map(lambda p, u: p + u, params, upd)
+
+    xt = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    topt = torch.optim.AdamW([{"params": [xt], "lr": lr * mult}], eps=1e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, steps)
+    at, bt = torch.tensor(a), torch.tensor(b)
+    for _ in range(steps):
+        topt.zero_grad()
+        ((at @ xt - bt) ** 2).sum().backward()
+        topt.step()
+        sched.step()
+    np.testing.assert_allclose(np.asarray(params["x"]), xt.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _regression_problem(seed=0, n=32):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5], np.float32)).astype(np.float32)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        pred = batch["x"] @ params["head"]["w"] * params["frozen"]["scale"]
+        err = jnp.mean((pred - batch["y"]) ** 2)
+        return err, {"mse": err}
+
+    def epoch_batches(epoch):
+        order = np.random.default_rng(epoch).permutation(n)
+        for i in range(0, n, 8):
+            idx = order[i:i + 8]
+            yield {"x": x[idx], "y": y[idx]}
+
+    params = {"head": {"w": jnp.zeros((3,))}, "frozen": {"scale": jnp.ones(())}}
+    return loss_fn, epoch_batches, params, x, y
+
+
+def _fit(workdir, num_epochs, eval_fn=None):
+    loss_fn, epoch_batches, params, _, _ = _regression_problem()
+    return trainer.fit(loss_fn=loss_fn, params=params, param_groups=[("head/.*", 1.0)],
+                       optim={"name": "adam", "lr": 0.1, "decay_type": "constant"}, num_epochs=num_epochs,
+                       steps_per_epoch=4, epoch_batches=epoch_batches, mesh=mesh_lib.make_mesh(),
+                       rng=jax.random.key(0), eval_fn=eval_fn, workdir=workdir, select="score")
+
+
+def test_fit_reduces_loss_and_keeps_frozen_out_of_the_state(tmp_path):
+    result = _fit(None, 5)
+    assert result.history[-1]["train_loss"] < 0.2 * result.history[0]["train_loss"]
+    assert set(result.state.params) == {"head"}
+
+
+def test_fit_selects_best_epoch_with_strict_ties():
+    scores = iter([1.0, 3.0, 3.0, 2.0])
+    result = _fit(None, 4, eval_fn=lambda p: {"score": next(scores)})
+    assert result.best_epoch == 1
+    assert result.best_metrics["val_score"] == 3.0
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    full = _fit(str(tmp_path / "a"), 4)
+    _fit(str(tmp_path / "b"), 2)               # "killed" after two epochs, checkpoint on disk
+    resumed = _fit(str(tmp_path / "b"), 4)     # restarts, continues at epoch 2
+    assert [r["epoch"] for r in resumed.history] == [2, 3]
+    np.testing.assert_array_equal(np.asarray(resumed.state.params["head"]["w"]),
+                                  np.asarray(full.state.params["head"]["w"]))
+
+
+def test_make_mesh_errors():
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        mesh_lib.make_mesh({"model": 2})
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        mesh_lib.make_mesh({"data": 4})

@@ -1,0 +1,105 @@
+"""Device mesh, logical-axis rules and batch sharding.
+
+One program for every size: the mesh has the axes ('data', 'fsdp', 'tensor') on a single CPU (all of size 1),
+on 8 fake CPU devices, on a GPU node or on a TPU pod slice. Model code only names *logical* axes
+(`nn.with_logical_partitioning(init, ('embed', 'mlp'))`); the rule table below, overridable from the
+config, maps them onto mesh axes. Batches are sharded over ('data', 'fsdp').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis (or None: replicated). FSDP shards the embedding dimension of weights,
+# tensor parallelism the MLP / heads dimensions, as in MaxText's default rules.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("patch", None),
+    ("pos", None),
+    ("norm", None),
+    ("classes", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ('data', 'fsdp', 'tensor') mesh.
+
+    Args:
+      shape: axis name -> size; one axis may be -1 to take all remaining devices. Missing axes are 1,
+        except 'data' which defaults to -1 (pure data parallelism).
+      devices: defaults to all devices of all processes.
+
+    Returns:
+      A `jax.sharding.Mesh`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict(shape or {})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, -1 if a == "data" else 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % fixed:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of total size {fixed}")
+        sizes[sizes.index(-1)] = len(devices) // fixed
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, but {len(devices)} are visible")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+    """Config rule lists (lists of [name, axis]) -> the tuple form flax expects."""
+    if rules is None:
+        return DEFAULT_RULES
+    return tuple((str(name), tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a (boxed, abstract) parameter tree from its logical axis names.
+
+    Leaves without logical names (plain arrays) are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_boxed_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ('data', 'fsdp'), the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """Global batch sizes must be a multiple of this."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Places a host-local batch (numpy pytree, leading dim = per-process batch) on the mesh.
+
+    With several processes each one passes its own slice; `make_array_from_process_local_data`
+    assembles the global array without any cross-host copy.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

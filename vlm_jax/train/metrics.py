@@ -1,0 +1,84 @@
+"""Metrics to the workdir (metrics.jsonl + TensorBoard events) and a progress line with steps/s and ETA.
+
+clu's writers and `ReportProgress` import TensorFlow, which vlm_jax does not otherwise need; so the
+events go through tensorboardX and the progress line is the few lines below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def _to_float(v: Any) -> float:
+    return float(np.asarray(jax.device_get(v)))
+
+
+class MetricWriter:
+    """Writes scalars as JSON lines (one object per call) and TensorBoard events.
+
+    Only process 0 writes, so a multi-host run has one metrics file.
+    """
+
+    def __init__(self, workdir: str | None, *, tensorboard: bool = True):
+        self._active = workdir is not None and jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        if not self._active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # optional: JSONL is the source of truth
+                logging.warning("tensorboardX is not installed: writing metrics.jsonl only")
+
+    def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
+        if not self._active:
+            return
+        row = {f"{prefix}{k}": _to_float(v) for k, v in scalars.items()}
+        self._file.write(json.dumps({"step": int(step), **row}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file = self._tb = None
+
+
+class Progress:
+    """Logs 'what: step n/N (p%), x steps/s, ETA h:mm:ss' at most every `every_s` seconds."""
+
+    def __init__(self, total: int, what: str = "train", every_s: float = 10.0, start: int = 0):
+        self.total, self.what, self.every_s = int(total), what, every_s
+        self._t0 = self._last = time.monotonic()
+        self._start = start
+
+    def update(self, step: int, extra: Mapping[str, Any] | None = None, force: bool = False) -> str | None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s and step < self.total:
+            return None
+        self._last = now
+        done = step - self._start
+        rate = done / max(now - self._t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
+        line = f"{self.what}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {rate:.2f} steps/s, ETA {eta_s}"
+        if extra:
+            line += ", " + ", ".join(f"{k}={_to_float(v):.4g}" for k, v in extra.items())
+        logging.info(line)
+        return line
