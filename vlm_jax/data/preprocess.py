@@ -1,0 +1,243 @@
+"""Host-side image preprocessing (numpy / PIL): CLIP eval transform and the cache augmentation.
+
+Images reach the model as f32[B, H, W, 3] (NHWC), already rescaled and normalised, so the jitted model
+never sees uint8 or PIL. Two transforms ship:
+
+- `clip_preprocess`: the evaluation transform, equal to transformers' PIL-backed CLIP image processor
+    (`CLIPImageProcessorPil` in transformers 5, the slow `CLIPImageProcessor` in 4.x): shortest-edge
+    resize with PIL bicubic, center crop, rescale by 1/255, normalise. Output sizes, crop offsets and the
+    float arithmetic follow transformers' code line by line, so the two agree to the last bit.
+- `augment`: torchvision's `RandomResizedCrop(size, scale=(0.5, 1), interpolation=BICUBIC)` +
+    `RandomHorizontalFlip(0.5)` + `ToTensor` + `Normalize`, the cache augmentation of Tip-Adapter and
+    DualAdapter. The crop-parameter sampler is torchvision's algorithm (10 tries, then a center-crop
+    fallback) driven by a `np.random.Generator`, so it is deterministic for a given generator; the
+    distribution is torchvision's, the individual draws are not torch's (different RNG).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from vlm_jax.errors import UserError
+
+# OpenAI CLIP normalisation constants (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+ImageLike = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # transformers' convert_to_rgb composites transparency onto white (original CLIP would just drop the
+    # alpha channel); we follow transformers so that clip_preprocess equals the HF processor on every input.
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Loads an image as a PIL RGB image.
+
+    Args:
+      image: a file path, encoded file bytes, a PIL image, or a uint8/bool array u8[H, W], u8[H, W, 1|3|4].
+
+    Returns:
+      A fully loaded PIL image in mode 'RGB' (transparency composited onto white, as transformers does).
+
+    Raises:
+      UserError: (a ValueError) one line naming the file (or array) that cannot be read or decoded.
+    """
+    if isinstance(image, Image.Image):
+        return _to_rgb(image)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+            raise UserError(f"load_image expects a uint8 (or bool) array [H, W] or [H, W, 1|3|4], "
+                             f"got {arr.dtype}{list(arr.shape)}")
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+    if isinstance(image, (bytes, bytearray)):
+        source, name = io.BytesIO(image), f"<{len(image)} encoded bytes>"
+    else:
+        source, name = os.fspath(image), os.fspath(image)
+    try:
+        with Image.open(source) as img:
+            img.load()  # Image.open is lazy: force the decode here so a truncated file fails in this try.
+            return _to_rgb(img)
+    except FileNotFoundError:
+        raise UserError(f"image file not found: {name}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
+
+
+def _normalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def resize_shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """transformers' `get_resize_output_image_size(default_to_square=False)`: (new_h, new_w).
+
+    The short side becomes `size`; the long side is `int(size * long / short)` (truncated, not rounded).
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
+    """transformers' `center_crop` on u8[H, W, C]: offsets (H - c) // 2, zero padding when H or W < c."""
+    height, width = image.shape[:2]
+    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    if top >= 0 and left >= 0:
+        return image[top:top + crop_size, left:left + crop_size]
+    # Too small: paste into a zero canvas (placed at ceil of half the padding), then crop as transformers does.
+    new_h, new_w = max(crop_size, height), max(crop_size, width)
+    top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+    canvas = np.zeros((new_h, new_w) + image.shape[2:], image.dtype)
+    canvas[top_pad:top_pad + height, left_pad:left_pad + width] = image
+    top, left = top + top_pad, left + left_pad
+    return canvas[max(0, top):min(new_h, top + crop_size), max(0, left):min(new_w, left + crop_size)]
+
+
+def clip_preprocess(image: ImageLike, size: int = 224, crop_size: int = 224,
+                    mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """CLIP evaluation transform, bit-equal to transformers' PIL CLIP image processor.
+
+    Args:
+      image: anything `load_image` accepts.
+      size: target length of the shortest edge.
+      crop_size: side of the square center crop.
+      mean: per-channel mean (after rescaling to [0, 1]).
+      std: per-channel std.
+
+    Returns:
+      f32[crop_size, crop_size, 3], normalised.
+    """
+    img = load_image(image)
+    new_h, new_w = resize_shortest_edge_size(img.height, img.width, size)
+    img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+    arr = center_crop(np.asarray(img), crop_size)
+    # transformers rescales in float64 then casts to float32; normalise then runs in float32.
+    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return _normalise(x, mean, std)
+
+
+def sample_crop_params(height: int, width: int, rng: np.random.Generator,
+                       scale: tuple[float, float] = (0.5, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision `RandomResizedCrop.get_params`: a random crop (top, left, h, w).
+
+    Up to 10 tries draw an area fraction uniform in `scale` and an aspect ratio log-uniform in `ratio`; the
+    first crop that fits is placed uniformly at random. If none fits, the fallback is the largest center
+    crop whose aspect ratio is clamped to `ratio` (the whole image when it already is within).
+
+    Args:
+      height: image height.
+      width: image width.
+      rng: the generator; draws in torchvision's order (area, ratio per try, then top, left).
+      scale: bounds of the crop area as a fraction of the image area.
+      ratio: bounds of the crop aspect ratio w / h.
+
+    Returns:
+      (top, left, h, w) in pixels.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment(image: ImageLike, rng: np.random.Generator, size: int = 224,
+            scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+            flip_p: float = 0.5, mean: Sequence[float] = CLIP_MEAN,
+            std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """Random resized crop (bicubic) + horizontal flip + normalise, as torchvision composes them.
+
+    Args:
+      image: anything `load_image` accepts.
+      rng: generator for the crop and the flip; the same generator state gives the same output.
+      size: output side.
+      scale: crop area bounds (fraction of the image area); DualAdapter uses (0.5, 1).
+      ratio: crop aspect-ratio bounds.
+      flip_p: probability of a horizontal flip.
+      mean: per-channel mean.
+      std: per-channel std.
+
+    Returns:
+      f32[size, size, 3], normalised.
+    """
+    img = load_image(image)
+    top, left, h, w = sample_crop_params(img.height, img.width, rng, scale, ratio)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), resample=Image.BICUBIC)
+    if rng.random() < flip_p:  # torchvision flips after the resize.
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = np.asarray(img, np.float32) / np.float32(255)  # ToTensor: float32 division.
+    return _normalise(x, mean, std)
+
+
+def _side(value, key: str, path: str) -> int:
+    # `size` must be a shortest-edge resize (CLIP); `crop_size` a square crop. A {'height', 'width'} `size`
+    # means a plain square resize without crop, which clip_preprocess does not implement.
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "shortest_edge" in value and key == "size":
+            return int(value["shortest_edge"])
+        if key == "crop_size" and "height" in value and value.get("height") == value.get("width"):
+            return int(value["height"])
+    raise UserError(f"{path}: unsupported {key}={value!r}; clip_preprocess needs a shortest-edge size "
+                     f"and a square crop_size")
+
+
+def preprocess_settings(checkpoint_dir: str | os.PathLike) -> dict:
+    """Reads size, crop size, mean and std from `<checkpoint_dir>/preprocessor_config.json`.
+
+    Missing file or keys fall back to the CLIP defaults (224, 224, CLIP_MEAN, CLIP_STD).
+
+    Args:
+      checkpoint_dir: a Hugging Face checkpoint folder.
+
+    Returns:
+      {'size': int, 'crop_size': int, 'mean': tuple, 'std': tuple}: keyword arguments of `clip_preprocess`
+      (plain data, so it can also go into a json cache key).
+    """
+    path = os.path.join(os.fspath(checkpoint_dir), "preprocessor_config.json")
+    cfg = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    # Without `crop_size` the HF processor keeps its class default (224), so do we.
+    return {
+        "size": _side(cfg["size"], "size", path) if "size" in cfg else 224,
+        "crop_size": _side(cfg["crop_size"], "crop_size", path) if "crop_size" in cfg else 224,
+        "mean": tuple(float(v) for v in cfg.get("image_mean", CLIP_MEAN)),
+        "std": tuple(float(v) for v in cfg.get("image_std", CLIP_STD)),
+    }
