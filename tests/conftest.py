@@ -8,3 +8,46 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ----------------------------------------------------------------------------- tiny HF CLIP fixtures
+import pytest  # noqa: E402
+
+# A tiny HF CLIP config (both towers 2 layers); tests override fields per case.
+TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=99, max_position_embeddings=12, bos_token_id=97, eos_token_id=98,
+                      pad_token_id=1, hidden_act="quick_gelu")
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8, hidden_act="quick_gelu")
+
+
+@pytest.fixture(scope="session")
+def hf_clip(tmp_path_factory):
+    """Factory (name, text=, vision=, projection_dim=, **save_kwargs) -> (torch CLIPModel, dir).
+
+    Builds an HF `CLIPModel` from TINY_CLIP_* plus overrides, perturbs every parameter (HF
+    initialises biases to 0 and LayerNorms to 1, which would hide conversion bugs), and saves it
+    with `save_pretrained`. The model is the parity oracle and the directory the checkpoint.
+    Cached per name for the session.
+    """
+    cache = {}
+
+    def make(name, text=None, vision=None, projection_dim=16, **save_kwargs):
+        if name not in cache:
+            import torch
+            import transformers
+
+            cfg = transformers.CLIPConfig(text_config={**TINY_CLIP_TEXT, **(text or {})},
+                                          vision_config={**TINY_CLIP_VISION, **(vision or {})},
+                                          projection_dim=projection_dim)
+            torch.manual_seed(0)
+            model = transformers.CLIPModel(cfg).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path, **save_kwargs)
+            cache[name] = (model, path)
+        return cache[name]
+
+    return make

@@ -1,0 +1,80 @@
+"""End to end: the launcher on the offline `:runlocal` config, on 1 and on 8 fake CPU devices, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {"zeroshot", "tip_adapter", "tip_adapter_f", "dualadapter", "dualadapter_f"}
+
+
+def _launch(workdir, *overrides, devices=1, cache=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               VLM_JAX_CACHE=str(cache or os.path.join(workdir, "cache")))
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config=configs/dualadapter.py:runlocal",
+           f"--workdir={workdir}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runlocal(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("runlocal"))
+    proc = _launch(workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, proc
+
+
+def test_runlocal_writes_all_results(runlocal):
+    workdir, proc = runlocal
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    (run,) = results["runs"]
+    assert set(run["methods"]) == METHODS
+    for name, res in run["methods"].items():
+        assert 0.0 <= res["test_accuracy"] <= 100.0, name
+    # Eight classes of real photos: the cache-based methods must beat chance (12.5%) by a wide margin even with
+    # a random backbone, because crops of one photo share low-level statistics.
+    assert run["methods"]["tip_adapter"]["test_accuracy"] > 40.0
+    assert run["methods"]["dualadapter"]["test_accuracy"] > 40.0
+    for name in ("config.json", "results.md", "metrics.jsonl"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert "DualAdapter" in proc.stdout + proc.stderr  # the printed table
+
+
+def test_rerun_reads_feature_cache(runlocal, tmp_path):
+    workdir, _ = runlocal
+    proc = _launch(str(tmp_path / "again"), "--config.methods=dualadapter", cache=os.path.join(workdir, "cache"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "cache hit" in proc.stderr
+    assert "cache features" not in proc.stderr  # the backbone did not encode the few-shot images again
+
+
+def test_eight_devices_equal_one_device(runlocal, tmp_path):
+    workdir, _ = runlocal
+    proc = _launch(str(tmp_path / "eight"), devices=8)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = json.load(open(os.path.join(workdir, "results.json")))["runs"][0]["methods"]
+    eight = json.load(open(os.path.join(tmp_path, "eight", "results.json")))["runs"][0]["methods"]
+    for name in METHODS:
+        np.testing.assert_allclose(eight[name]["test_accuracy"], one[name]["test_accuracy"], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(eight[name]["val_accuracy"], one[name]["val_accuracy"], atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.model.checkpoint=/nonexistent/clip", "/nonexistent/clip"),
+    ("--config.model.checkpoint=someone/not-in-cache", "someone/not-in-cache"),
+    ("--config.data.name=eurosat", "data root"),
+    ("--config.data.shots=1000", "shots"),
+])
+def test_bad_input_is_one_line_and_no_results(tmp_path, override, expected):
+    workdir = str(tmp_path / "bad")
+    proc = _launch(workdir, override)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+    assert not os.path.exists(os.path.join(workdir, "results.json"))

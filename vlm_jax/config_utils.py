@@ -1,0 +1,34 @@
+"""Helpers for `configs/*.py`: big_vision-style argument strings (`configs/x.py:dataset=eurosat,shots=4`)."""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses 'a=1,b=foo,flag' against `defaults`; a bare name sets a boolean to True.
+
+    Values are converted to the type of their default, so `shots=4` is an int. An unknown name is an error
+    that lists the known ones.
+    """
+    out = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            raise ValueError(f"unknown config argument {name!r}; known: {', '.join(sorted(defaults))}")
+        default = defaults[name]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {name!r} needs a value ({name}=...)")
+            out[name] = True
+        elif isinstance(default, bool):
+            out[name] = value.lower() in ("1", "true", "yes", "y")
+        elif isinstance(default, (int, float)):
+            out[name] = type(default)(ast.literal_eval(value))
+        else:
+            out[name] = value
+    return out

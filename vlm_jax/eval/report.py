@@ -1,0 +1,90 @@
+"""Results a person can read: a mean +- std table per method and shot count, and the accuracy-vs-shots plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# Display names and order, as the few-shot papers print them.
+METHOD_NAMES = {
+    "zeroshot": "Zero-shot CLIP",
+    "tip_adapter": "Tip-Adapter",
+    "tip_adapter_f": "Tip-Adapter-F",
+    "dualadapter": "DualAdapter (training-free)",
+    "dualadapter_f": "DualAdapter-F",
+}
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], metric: str = "test_accuracy") -> dict[str, dict[int, dict[str, float]]]:
+    """runs: [{'shots', 'seed', 'methods': {name: {metric: ...}}}] -> {method: {shots: {mean, std, n}}}.
+
+    std is the population standard deviation over seeds (numpy's default), as CoOp-style tables report it.
+    """
+    acc: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for name, res in run["methods"].items():
+            acc.setdefault(name, {}).setdefault(int(run["shots"]), []).append(float(res[metric]))
+    return {name: {s: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for s, v in sorted(by.items())}
+            for name, by in acc.items()}
+
+
+def table(summary: Mapping[str, Mapping[int, Mapping[str, float]]], title: str = "") -> str:
+    """A markdown table: one row per method, one column per shot count, cells 'mean +- std' (or 'mean' if n=1)."""
+    shots = sorted({s for by in summary.values() for s in by})
+    head = "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |"
+    lines = ([f"### {title}", ""] if title else []) + [head, "|" + "---|" * (len(shots) + 1)]
+    for name in sorted(summary, key=lambda n: list(METHOD_NAMES).index(n) if n in METHOD_NAMES else 99):
+        cells = []
+        for s in shots:
+            c = summary[name].get(s)
+            cells.append("" if c is None else f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if c["n"] > 1 else ""))
+        lines.append(f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, title: str = "") -> None:
+    """Accuracy vs shots (log2 x axis), one line per method with a +-std band, saved as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for name, by in summary.items():
+        shots = sorted(by)
+        mean = np.array([by[s]["mean"] for s in shots])
+        std = np.array([by[s]["std"] for s in shots])
+        ax.plot(shots, mean, marker="o", label=METHOD_NAMES.get(name, name))
+        ax.fill_between(shots, mean - std, mean + std, alpha=0.15)
+    ax.set_xscale("log", base=2)
+    all_shots = sorted({s for by in summary.values() for s in by})
+    ax.set_xticks(all_shots, [str(s) for s in all_shots])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    plt.close(fig)
+
+
+def write_atomic(path: str, write, binary: bool = False) -> None:
+    """Writes via a temporary file in the same directory and renames: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1, sort_keys=False, default=float))
