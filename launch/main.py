@@ -20,6 +20,29 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved conf
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception message as one line; for a wrapped traceback, just its last line (the error itself)."""
+    lines = [l.strip() for l in str(e).replace("\\n", "\n").splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines):
+        lines = lines[-1:]
+    return " ".join(l.replace("\\'", "'").strip("'\"") for l in lines)
+
+
+def _parse_flags(argv):
+    """absl's parser, with a bad flag (unknown config key, bad argument string) reported as one line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # config_flags raises AttributeError/KeyError/ValueError, absl flags.Error
+        chain = [e]
+        while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        # absl wraps the config's own error; the first non-absl one says what is wrong.
+        inner = next((c for c in chain if not isinstance(c, flags.Error)), e)
+        what = "unknown config key" if isinstance(inner, (AttributeError, KeyError)) else "bad flag"
+        print(f"error: {what}: {_one_line(inner)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _quiet_libraries(record) -> bool:
     # orbax logs every step of every save at INFO; keep its warnings, drop the chatter.
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
@@ -31,10 +54,12 @@ def main(argv):
     logging.get_absl_handler().addFilter(_quiet_libraries)
     from vlm_jax import errors  # after flag parsing: keeps --help fast
 
-    config = _CONFIG.value
-    if config.get("distributed", False):
-        import jax
-        jax.distributed.initialize()
+    try:
+        config = _CONFIG.value
+        config.keys()  # forces the load
+    except OSError as e:  # config_flags reports a missing/broken config file only on first access
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
     program = importlib.import_module(f"vlm_jax.programs.{config.program}")
     try:
         program.run(config, os.path.abspath(os.path.expanduser(_WORKDIR.value)))
@@ -45,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -12,11 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"zeroshot", "tip_adapter", "tip_adapter_f", "dualadapter", "dualadapter_f"}
 
 
-def _launch(workdir, *overrides, devices=1, cache=None):
+def _launch(workdir, *overrides, devices=1, cache=None, arg="runlocal"):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                VLM_JAX_CACHE=str(cache or os.path.join(workdir, "cache")))
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config=configs/dualadapter.py:runlocal",
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--config=configs/dualadapter.py:{arg}",
            f"--workdir={workdir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -54,6 +54,22 @@ def test_rerun_reads_feature_cache(runlocal, tmp_path):
     assert "cache features" not in proc.stderr  # the backbone did not encode the few-shot images again
 
 
+def test_sweep_writes_table_and_plot(runlocal, tmp_path):
+    workdir, _ = runlocal
+    out = tmp_path / "sweep"
+    proc = _launch(str(out), "--config.methods=zeroshot,tip_adapter,dualadapter", arg="runlocal,sweep",
+                   cache=os.path.join(workdir, "cache"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.load(open(out / "results.json"))
+    assert sorted((r["shots"], r["seed"]) for r in results["runs"]) == [(s, r) for s in (1, 2, 4) for r in (1, 2)]
+    for shots, cell in results["summary"]["dualadapter"].items():
+        accs = [r["methods"]["dualadapter"]["test_accuracy"] for r in results["runs"] if r["shots"] == int(shots)]
+        np.testing.assert_allclose(cell["mean"], np.mean(accs))
+        assert cell["n"] == 2
+    assert (out / "accuracy_vs_shots.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| DualAdapter (training-free) |" in (out / "results.md").read_text()
+
+
 def test_eight_devices_equal_one_device(runlocal, tmp_path):
     workdir, _ = runlocal
     proc = _launch(str(tmp_path / "eight"), devices=8)
@@ -70,6 +86,7 @@ def test_eight_devices_equal_one_device(runlocal, tmp_path):
     ("--config.model.checkpoint=someone/not-in-cache", "someone/not-in-cache"),
     ("--config.data.name=eurosat", "data root"),
     ("--config.data.shots=1000", "shots"),
+    ("--config.data.rooot=/data", 'Did you mean "root"'),
 ])
 def test_bad_input_is_one_line_and_no_results(tmp_path, override, expected):
     workdir = str(tmp_path / "bad")
@@ -78,3 +95,13 @@ def test_bad_input_is_one_line_and_no_results(tmp_path, override, expected):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, last
     assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_bad_config_argument_and_missing_config_file(tmp_path):
+    proc = _launch(str(tmp_path / "bad"), arg="runlocl")
+    assert proc.returncode == 2 and "unknown config argument 'runlocl'" in proc.stderr.strip().splitlines()[-1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config=configs/nothere.py",
+                           f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "configs/nothere.py" in proc.stderr
