@@ -374,7 +374,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     text = text_features(bb, ds, dc, cache_dir)
     val = eval_features(bb, ds.val, dc, "val", cache_dir)
-    tests = {"test": (eval_features(bb, ds.test, dc, "test", cache_dir), ds.class_subset)}
+    # ImageNet has no val split in CoOp's protocol: val *is* test there, so encode it once.
+    test = val if ds.test is ds.val else eval_features(bb, ds.test, dc, "test", cache_dir)
+    tests = {"test": (test, ds.class_subset)}
     for name, extra in extra_tests.items():
         tests[name] = (eval_features(bb, extra.test, dc, f"{name}-test", cache_dir), extra.class_subset)
     results = []
