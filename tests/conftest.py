@@ -9,6 +9,13 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+try:  # the PyTorch oracle runs tiny models: one thread avoids oversubscribing the CPU (HF generate is ~100x
+    import torch  # slower without on a loaded 2-core machine). torch is a test-only dependency.
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 
 # ----------------------------------------------------------------------------- tiny HF CLIP fixtures
 import pytest  # noqa: E402
