@@ -39,15 +39,26 @@ def _norm(hf: str, fx: tuple[str, ...]) -> list[Entry]:
     return [Entry(f"{hf}.weight", (*fx, "scale")), Entry(f"{hf}.bias", (*fx, "bias"))]
 
 
+def clip_vision_table(num_layers: int, *, hf: str = "vision_model", fx: tuple[str, ...] = ("vision_model",)
+                      ) -> list[Entry]:
+    """The vision tower's rows: HF names under `hf` (e.g. 'model.vision_tower.vision_model' in a LLaVA
+    checkpoint), Flax paths under `fx` (a `CLIPVisionTower`'s params live at `fx`)."""
+    table = [
+        Entry(f"{hf}.embeddings.patch_embedding.weight", (*fx, "embeddings", "patch_embedding", "kernel"), "conv"),
+        Entry(f"{hf}.embeddings.class_embedding", (*fx, "embeddings", "class_embedding")),
+        Entry(f"{hf}.embeddings.position_embedding.weight", (*fx, "embeddings", "position_embedding", "embedding")),
+        *_norm(f"{hf}.pre_layrnorm", (*fx, "pre_layrnorm")),
+        *_norm(f"{hf}.post_layernorm", (*fx, "post_layernorm")),
+    ]
+    for i in range(num_layers):
+        table += _layer(f"{hf}.encoder.layers.{i}", (*fx, "encoder", f"layers_{i}"))
+    return table
+
+
 def clip_table(num_vision_layers: int, num_text_layers: int) -> list[Entry]:
     """The full HF <-> Flax table of a CLIPModel with the given depths."""
-    v, t = "vision_model", "text_model"
-    table = [
-        Entry(f"{v}.embeddings.patch_embedding.weight", (v, "embeddings", "patch_embedding", "kernel"), "conv"),
-        Entry(f"{v}.embeddings.class_embedding", (v, "embeddings", "class_embedding")),
-        Entry(f"{v}.embeddings.position_embedding.weight", (v, "embeddings", "position_embedding", "embedding")),
-        *_norm(f"{v}.pre_layrnorm", (v, "pre_layrnorm")),
-        *_norm(f"{v}.post_layernorm", (v, "post_layernorm")),
+    t = "text_model"
+    table = clip_vision_table(num_vision_layers) + [
         Entry(f"{t}.embeddings.token_embedding.weight", (t, "embeddings", "token_embedding", "embedding")),
         Entry(f"{t}.embeddings.position_embedding.weight", (t, "embeddings", "position_embedding", "embedding")),
         *_norm(f"{t}.final_layer_norm", (t, "final_layer_norm")),
@@ -55,8 +66,6 @@ def clip_table(num_vision_layers: int, num_text_layers: int) -> list[Entry]:
         Entry("text_projection.weight", ("text_projection", "kernel"), "transpose"),
         Entry("logit_scale", ("logit_scale",)),
     ]
-    for i in range(num_vision_layers):
-        table += _layer(f"{v}.encoder.layers.{i}", (v, "encoder", f"layers_{i}"))
     for i in range(num_text_layers):
         table += _layer(f"{t}.encoder.layers.{i}", (t, "encoder", f"layers_{i}"))
     return table

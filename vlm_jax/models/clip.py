@@ -105,6 +105,12 @@ def _tower_kwargs(c) -> dict:
                 hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps)
 
 
+def vision_config_from_hf(v) -> "VisionConfig":
+    """A `VisionConfig` from an HF CLIPVisionConfig (standalone, or the vision part of a CLIP/LLaVA config)."""
+    return VisionConfig(**_tower_kwargs(v), image_size=v.image_size, patch_size=v.patch_size,
+                        num_channels=v.num_channels)
+
+
 def _part(init, *names):
     return nn.with_logical_partitioning(init, names)
 
@@ -353,8 +359,7 @@ class CLIP(nn.Module):
             from transformers import CLIPConfig  # lazy: transformers is heavy and only needed here
             config = CLIPConfig.from_dict(config)
         v, t = config.vision_config, config.text_config
-        vision = VisionConfig(**_tower_kwargs(v), image_size=v.image_size, patch_size=v.patch_size,
-                              num_channels=v.num_channels)
+        vision = vision_config_from_hf(v)
         text = TextConfig(**_tower_kwargs(t), vocab_size=t.vocab_size,
                           max_position_embeddings=t.max_position_embeddings, eos_token_id=t.eos_token_id,
                           bos_token_id=t.bos_token_id, pad_token_id=t.pad_token_id)
