@@ -32,6 +32,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("pos", None),
     ("norm", None),
     ("classes", None),
+    ("kv_heads", "tensor"),
+    ("layers", None),          # the stacked axis of scanned layers
+    ("embed_vision", None),    # the LLaVA projector's input (vision width)
+    ("proj", None),
+    ("patch_h", None), ("patch_w", None), ("channels", None),
 )
 
 
@@ -106,3 +111,24 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def sharded_init(model, init_args: Sequence[Any], rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """Creates `model`'s params already sharded: eval_shape -> shardings -> jit(init, out_shardings).
+
+    No device ever holds the whole model, so a 7B LVLM initialises on a mesh whose devices each hold a slice.
+
+    Returns:
+      The unboxed params tree, each leaf a global jax.Array with its NamedSharding.
+    """
+    abstract = jax.eval_shape(model.init, rng, *init_args)["params"]
+    shardings = param_shardings(abstract, mesh, rules)
+    init = jax.jit(lambda r: nn.meta.unbox(model.init(r, *init_args)["params"]), out_shardings=shardings)
+    with mesh:
+        return init(rng)
+
+
+def shard_params(params: Any, model, init_args: Sequence[Any], mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+    """Places loaded (host) params onto the mesh by the model's logical axis names."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *init_args)["params"]
+    return jax.device_put(params, param_shardings(abstract, mesh, rules))
