@@ -151,21 +151,41 @@ def test_errors(hf_llava, tmp_path):
         llava_convert.from_pretrained(bad)
 
 
-def test_full_size_llava_builds_without_memory():
-    """llava-1.5-7b's shapes (CLIP-L/336 + Vicuna-7B) through eval_shape; parameter count equals HF's."""
-    config = transformers.LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                           projection_dim=768),
-        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-        image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default")
+FULL_SIZE = {
+    # llava-hf/llava-1.5-7b-hf: CLIP-L/14 at 336 + Vicuna-7B.
+    "llava-1.5-7b": (dict(vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                                             num_hidden_layers=24, num_attention_heads=16, image_size=336,
+                                             patch_size=14, projection_dim=768),
+                          text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096,
+                                           intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                           num_key_value_heads=32),
+                          image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default"),
+                     576),
+    # llava-hf/llava-interleave-qwen-0.5b-hf: SigLIP-so400m/14 at 384 (26 layers, no head) + Qwen2-0.5B.
+    "llava-interleave-qwen-0.5b": (
+        dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                                vision_use_head=False),
+             text_config=dict(model_type="qwen2", vocab_size=152000, hidden_size=896, intermediate_size=4864,
+                              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                              tie_word_embeddings=True, rope_theta=1e6),
+             image_token_id=151646, vision_feature_layer=-1, vision_feature_select_strategy="full",
+             tie_word_embeddings=True),
+        729),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_llava_builds_without_memory(name):
+    """The real targets' shapes through eval_shape (no memory); parameter counts equal HF's (meta device)."""
     from vlm_jax.models.llava import Llava
 
+    kwargs, tokens = FULL_SIZE[name]
+    config = transformers.LlavaConfig(**kwargs)
     model = Llava.from_hf_config(config)
     shapes = llava_convert.param_shapes(model)
     ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     with torch.device("meta"):
         hf = transformers.LlavaForConditionalGeneration(config)
     assert ours == sum(p.numel() for p in hf.parameters())
-    assert model.cfg.tokens_per_image == 576
+    assert model.cfg.tokens_per_image == tokens
