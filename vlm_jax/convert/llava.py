@@ -154,3 +154,41 @@ def to_hf(model: Llava, params, out_dir, *, dtype=None, extra_files=None) -> pat
     config["architectures"] = ["LlavaForConditionalGeneration"]
     config["dtype"] = config["torch_dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
     return loader.write_checkpoint(out_dir, tensors, config, extra_files)
+
+
+def write_random_checkpoint(out_dir, texts, *, seed: int = 0, vision_type: str = "clip", image_size: int = 32,
+                            patch_size: int = 8, dtype=jnp.float32) -> pathlib.Path:
+    """A tiny random LLaVA with a BPE tokenizer trained on `texts`, as a complete offline HF checkpoint.
+
+    The directory holds config.json, model.safetensors, tokenizer files (with '<image>' as one token) and a
+    CLIP-style preprocessor_config.json: what the offline `:runlocal` runs and the tests load, through the
+    same code path as real checkpoints. Norms and biases are perturbed so the model is not degenerate.
+    """
+    import tempfile
+
+    from transformers import LlavaConfig as HFConfig
+
+    from vlm_jax.convert import clip as clip_convert_
+    from vlm_jax.data import tokenize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tokenize.build_offline_tokenizer(texts, tmp)
+        files = {f.name: f.read_bytes() for f in pathlib.Path(tmp).iterdir() if f.is_file()}
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=image_size, patch_size=patch_size)
+    vision = dict(model_type="clip_vision_model", hidden_act="quick_gelu", **tower) if vision_type == "clip" else \
+        dict(model_type="siglip_vision_model", vision_use_head=False, **tower)
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = HFConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2 if vision_type == "clip" else -1,
+                      vision_feature_select_strategy="default" if vision_type == "clip" else "full")
+    model = Llava(LlavaConfig.from_hf(config), param_dtype=dtype)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *model.init_inputs())["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + (0.05 * jax.random.normal(k, x.shape)).astype(x.dtype)
+                                          for x, k in zip(leaves, keys)])
+    files["preprocessor_config.json"] = clip_convert_.preprocessor_config(image_size)
+    return to_hf(model, params, out_dir, extra_files=files)

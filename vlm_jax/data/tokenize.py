@@ -58,3 +58,29 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None) -> 
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=int(max_length),
                     return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def build_offline_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vocab_size: int = 512,
+                            image_token: str = "<image>"):
+    """Trains a tiny byte-level BPE tokenizer on `texts` and saves it (tokenizer.json etc.) into `out_dir`.
+
+    For offline toy checkpoints (`:runlocal`, tests): Llama-style special tokens <unk> <s> </s> <pad> and the
+    LLaVA image placeholder, which stays one token. Deterministic for the same texts.
+
+    Returns:
+      The `PreTrainedTokenizerFast`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", image_token]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=[image_token])
+    fast.save_pretrained(str(out_dir))
+    return fast
