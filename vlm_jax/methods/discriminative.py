@@ -1,0 +1,307 @@
+"""Discriminative fine-tuning of LVLMs ("VladVA", arXiv 2412.04378) as pure functions.
+
+The LVLM itself is the encoder (E5-V style): an image is embedded as the final-layer (final-norm) hidden state
+of the last real token of [image + image prompt], a caption as that of [caption + text prompt] run through the
+LM alone. Training combines a symmetric InfoNCE on short captions (< 30 tokens) with a next-token loss on long
+captions (>= 30 tokens) generated after [image + image prompt]; contrastive learning on long captions collapses
+(too few hard negatives). What trains: separate soft prompts for the image and the text side, initialised from
+the handcrafted prompts' token embeddings (`peft.soft_prompt_init`), and LoRA on the LM's linear layers;
+everything else is frozen. Layer, prompts, temperature and the loss weight are not published: we use E5-V's
+(final layer, the prompts below, fixed temperature 0.05) and a loss weight of 1.
+
+Composition inside a jitted loss (what `make_loss_fn` does):
+
+    params = peft.lora_merge(base, lora, alpha=alpha, rank=rank)      # differentiable in `lora` only
+    img = image_embedding(model, params, ids, mask, pixels, prompt=image_prompt, prompt_start=start)
+    txt = text_embedding(model, params, text_ids, text_mask, prompt=text_prompt, prompt_start=text_start)
+    loss, metrics = info_nce(img, txt, temperature=0.05, valid=has_short)
+
+Prompts: `build_prompt(TEXT_PROMPT, caption)` substitutes the caption and `IMAGE_PROMPT` keeps `<image>` for the
+HF processor to expand to one token per image feature. Chat templating (e.g. LLaVA-1.5's "USER: ... ASSISTANT:")
+and tokenization are the data pipeline's job, as is locating the prompt span (`peft.find_span` on the
+handcrafted prompt's ids gives `*_prompt_start`). Soft prompts replace that span in place (`peft.replace_span`),
+so shapes, masks and positions never change and an untrained prompt reproduces the handcrafted one exactly.
+
+Distribution: every function is written on the *global* batch. Under `jax.jit` with the batch sharded over the
+mesh's ('data', 'fsdp') axes, the [B, B] similarity matrix of `info_nce` spans the global batch: XLA's SPMD
+partitioner inserts the all-gather of the embeddings itself, so every shard's pairs are negatives for every
+other shard's (the "gather negatives from all GPUs" of CLIP-style training, with no hand-written collective).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.models import peft
+
+PyTree = Any
+
+# E5-V's prompts (the closest public method; VladVA's are not published).
+IMAGE_PROMPT = "<image>\nSummary above image in one word:"
+TEXT_PROMPT = "<sent>\nSummary above sentence in one word:"
+DEFAULT_TEMPERATURE = 0.05  # E5-V (fixed); VLM2Vec uses 0.02
+SHORT_CAPTION_MAX_TOKENS = 30  # captions shorter than this feed the contrastive loss, the others the NTP loss
+# CLIP clamps its learnable logit scale 1 / T at 100, i.e. T >= 0.01.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 1.0
+# LoRA on every linear layer of the LM (VladVA: rank 16, alpha 16). o_proj's kernel is f32[H, Dh, D]: two input axes.
+LORA_TARGETS = (r"language_model/.*/(q_proj|k_proj|v_proj|gate_proj|up_proj|down_proj)/kernel",
+                (r"language_model/.*/o_proj/kernel", 2))
+# Stands in for -inf on padded columns: exp underflows to exactly 0, yet a fully padded batch stays NaN-free.
+_NEG = -1e9
+
+
+def build_prompt(template: str, sentence: str | None = None) -> str:
+    """Fills `<sent>` of a prompt template with the caption; `<image>` is kept for the processor to expand."""
+    if "<sent>" in template:
+        if sentence is None:
+            raise ValueError(f"template {template!r} needs a sentence for <sent>")
+        return template.replace("<sent>", sentence)
+    return template
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embeddings.
+
+def last_token_embedding(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Hidden state of the last real token of each row.
+
+    Args:
+      hidden: f32[B, L, D] final-norm hidden states.
+      attention_mask: i32[B, L], 1 = token; right- or left-padded (the position of the last 1 is taken, so
+        both layouts work). An all-zero row yields position L - 1.
+
+    Returns:
+      f32[B, D].
+    """
+    length = attention_mask.shape[1]
+    last = length - 1 - jnp.argmax(attention_mask[:, ::-1] > 0, axis=1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def _embed(model, params, embeds, attention_mask, prompt, prompt_start):
+    if prompt is not None:
+        if prompt_start is None:
+            raise ValueError("a soft prompt needs prompt_start (e.g. peft.find_span of the handcrafted prompt)")
+        embeds = peft.replace_span(embeds, prompt_start, prompt)
+    hidden, _ = model.apply({"params": params}, None, attention_mask, inputs_embeds=embeds, method="hidden_states")
+    return last_token_embedding(hidden, attention_mask)
+
+
+def image_embedding(model, params: PyTree, input_ids: jax.Array, attention_mask: jax.Array,
+                    pixel_values: jax.Array, *, prompt: jax.Array | None = None,
+                    prompt_start: jax.Array | None = None) -> jax.Array:
+    """Image embedding: the LVLM over [image + image prompt], last real token's final-norm hidden state.
+
+    Args:
+      model: a `vlm_jax.models.llava.Llava`.
+      params: its params (LoRA already merged by the caller if any: `peft.lora_merge` inside the loss).
+      input_ids: i32[B, L] with `tokens_per_image` image tokens per row (processor-expanded `<image>`).
+      attention_mask: i32[B, L].
+      pixel_values: f32[B, H, W, 3] normalised NHWC images, one per row.
+      prompt: f32[P, D] (or f32[B, P, D]) soft image prompt, or None for the handcrafted tokens as they are.
+      prompt_start: i32[B] start of the prompt span per row (-1: leave the row unchanged).
+
+    Returns:
+      f32[B, D] (not normalised).
+    """
+    embeds = model.apply({"params": params}, input_ids, pixel_values, method="embed_multimodal")
+    return _embed(model, params, embeds, attention_mask, prompt, prompt_start)
+
+
+def text_embedding(model, params: PyTree, input_ids: jax.Array, attention_mask: jax.Array, *,
+                   prompt: jax.Array | None = None, prompt_start: jax.Array | None = None) -> jax.Array:
+    """Text embedding: the LM alone over [caption + text prompt], last real token's final-norm hidden state.
+
+    Args:
+      model: a `Llava` (its LM is used; the vision tower never runs) or a `CausalLM`.
+      params: its params (LoRA merged by the caller if any).
+      input_ids, attention_mask: i32[B, L] tokenized `build_prompt(TEXT_PROMPT, caption)` (chat-templated).
+      prompt, prompt_start: as `image_embedding`, with the text side's soft prompt.
+
+    Returns:
+      f32[B, D].
+    """
+    embeds = model.apply({"params": params}, input_ids, method="embed")
+    return _embed(model, params, embeds, attention_mask, prompt, prompt_start)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses.
+
+def init_log_temperature(temperature: float = DEFAULT_TEMPERATURE) -> jax.Array:
+    """f32[] log T, a learnable temperature parameter (CLIP learns log(1 / T); same thing, sign flipped)."""
+    return jnp.asarray(np.log(temperature), jnp.float32)
+
+
+def temperature_from_log(log_temperature: jax.Array, min_temperature: float = MIN_TEMPERATURE,
+                         max_temperature: float = MAX_TEMPERATURE) -> jax.Array:
+    """T = clip(exp(log T), min, max), CLIP-style (CLIP caps the logit scale 1 / T at 100, i.e. T >= 0.01).
+
+    Clipping in the forward pass (rather than clamping the parameter after the step, as CLIP's reference
+    does) gives the same values and stops the gradient while T sits at a bound.
+    """
+    return jnp.clip(jnp.exp(log_temperature), min_temperature, max_temperature)
+
+
+def info_nce(image_emb: jax.Array, text_emb: jax.Array, *, temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+             valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric InfoNCE on cosine similarities (CLIP's loss): mean of image->text and text->image CE.
+
+    Written on the global batch: under `jax.jit` with the embeddings sharded over the mesh's batch axes, the
+    similarity matrix below still spans the whole global batch — XLA all-gathers what the matmul needs — so
+    every pair's negatives come from all shards, with no manual `all_gather` (which would only be needed
+    inside `shard_map`). The value is the same as on one device.
+
+    Args:
+      image_emb: f32[B, D] image embeddings (L2-normalised here).
+      text_emb: f32[B, D] text embeddings; row i is the positive of image row i.
+      temperature: T, a float or f32[] (e.g. `temperature_from_log(params['log_temperature'])`); logits are
+        cos / T.
+      valid: bool[B] or None. Invalid (padded) pairs are dropped from the average *and* as negatives: their
+        columns get a logit of -1e9 (effectively -inf; finite so that an all-padded batch gives 0, not NaN).
+
+    Returns:
+      (loss f32[], metrics {'i2t_acc', 't2i_acc', 'temperature', 'n_pairs'}); accuracies are the fraction of
+      valid rows whose positive has the highest logit.
+    """
+    b = image_emb.shape[0]
+    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+    img = _l2_normalize(image_emb.astype(jnp.float32))
+    txt = _l2_normalize(text_emb.astype(jnp.float32))
+    temperature = jnp.asarray(temperature, jnp.float32)
+    logits = img @ txt.T / temperature  # [B images, B texts]
+    pair = valid[:, None] & valid[None, :]
+    logits = jnp.where(pair, logits, _NEG)
+    diag = jnp.arange(b)
+
+    def ce(lg):  # rows: queries, columns: candidates
+        return jax.nn.logsumexp(lg, axis=1) - lg[diag, diag]
+
+    n = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    per_row = 0.5 * (ce(logits) + ce(logits.T))
+    loss = jnp.where(valid, per_row, 0.0).sum() / n
+    i2t = jnp.where(valid, jnp.argmax(logits, axis=1) == diag, False).sum() / n
+    t2i = jnp.where(valid, jnp.argmax(logits, axis=0) == diag, False).sum() / n
+    return loss, {"i2t_acc": i2t, "t2i_acc": t2i, "temperature": temperature, "n_pairs": valid.sum()}
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Shifted next-token cross-entropy, averaged over the target tokens of the whole batch.
+
+    Args:
+      logits: f32[B, L, V]; position t predicts token t + 1.
+      input_ids: i32[B, L].
+      loss_mask: i32[B, L] (or bool), 1 where the token is a target (the answer / long caption tokens, never
+        the prompt, image or padding). Position 0 is never predicted, so loss_mask[:, 0] is ignored.
+
+    Returns:
+      (loss f32[] = sum of the targets' -log p / number of targets (0 when there is none), n_tokens i32[]).
+    """
+    lg = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:] > 0
+    logp = jax.nn.log_softmax(lg, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    n = mask.sum()
+    return jnp.where(mask, nll, 0.0).sum() / jnp.maximum(n, 1).astype(jnp.float32), n
+
+
+def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array | None,
+               long_ids: jax.Array | None, long_loss_mask: jax.Array | None, has_short: jax.Array,
+               has_long: jax.Array | None, *, temperature: float | jax.Array = DEFAULT_TEMPERATURE,
+               ntp_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """VladVA's objective: InfoNCE(short captions) + ntp_weight * next-token loss(long captions).
+
+    Args:
+      image_emb, text_emb: f32[B, D] embeddings of [image + image prompt] and [short caption + text prompt].
+      long_logits: f32[B, L, V] logits over [image + image prompt + long caption], or None (no NTP term).
+      long_ids: i32[B, L]; long_loss_mask: i32[B, L] 1 on the long caption's tokens.
+      has_short: bool[B], the sample has a short caption (< 30 tokens): it is a pair of the contrastive loss
+        and a negative for the others; otherwise it is masked out of both.
+      has_long: bool[B], the sample has a long caption (>= 30 tokens): its tokens enter the NTP loss.
+      temperature: InfoNCE temperature (float or f32[]).
+      ntp_weight: weight of the NTP term.
+
+    Returns:
+      (loss f32[], metrics {'contrastive', 'ntp', 'ntp_tokens', 'i2t_acc', 't2i_acc', 'temperature', 'n_pairs'}).
+    """
+    contrastive, metrics = info_nce(image_emb, text_emb, temperature=temperature, valid=has_short)
+    metrics = {"contrastive": contrastive, **metrics}
+    loss = contrastive
+    if long_logits is not None:
+        mask = jnp.asarray(long_loss_mask) * jnp.asarray(has_long, long_loss_mask.dtype)[:, None]
+        ntp, n = next_token_loss(long_logits, long_ids, mask)
+        loss = loss + ntp_weight * ntp
+        metrics.update(ntp=ntp, ntp_tokens=n)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer's loss function.
+
+def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float = DEFAULT_TEMPERATURE,
+                 ntp_weight: float = 1.0, min_temperature: float = MIN_TEMPERATURE,
+                 max_temperature: float = MAX_TEMPERATURE) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """Builds `loss_fn(params, batch, rng) -> (loss, metrics)` for `vlm_jax.train.trainer`.
+
+    Params tree:
+      {'base': Llava params (frozen), 'lora': `peft.lora_init(base, ..., targets=LORA_TARGETS)` tree (may be
+       {} or absent: no LoRA), 'image_prompt': f32[P, D], 'text_prompt': f32[P', D] (each may be absent: the
+       handcrafted tokens are used as they are), optionally 'log_temperature': f32[] (learnable T, clipped to
+       [min_temperature, max_temperature]; otherwise `temperature` is fixed)}.
+      Train with param_groups like [('lora/.*', 1.0), ('(image|text)_prompt', 1.0)]: 'base/...' stays frozen.
+
+    Batch (global batch B, one image per sample; all rows may be left- or right-padded):
+      image_ids i32[B, Li], image_mask i32[B, Li]: chat-templated IMAGE_PROMPT with `<image>` expanded to
+        tokens_per_image image tokens.
+      pixel_values f32[B, H, W, 3]: the sample's image (also the image of long_ids' image tokens).
+      image_prompt_start i32[B]: start of the image prompt's span in image_ids (-1: none).
+      text_ids i32[B, Lt], text_mask i32[B, Lt]: chat-templated build_prompt(TEXT_PROMPT, short caption).
+      text_prompt_start i32[B]: start of the text prompt's span in text_ids.
+      long_ids i32[B, Ll], long_mask i32[B, Ll]: [image + image prompt] followed by the long caption.
+      long_loss_mask i32[B, Ll]: 1 on the long caption's tokens (the NTP targets).
+      long_prompt_start i32[B] (optional): start of the image prompt's span in long_ids, so the NTP loss also
+        trains the image soft prompt; absent: long_ids keeps the handcrafted prompt tokens.
+      has_short bool[B], has_long bool[B]: which of the two captions the sample really has (padding rows and
+        missing captions are False).
+
+    The rng is unused (no dropout: LoRA is merged, see `vlm_jax.models.peft`).
+    """
+
+    def loss_fn(params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array):
+        del rng
+        base = params["base"]
+        lora = params.get("lora")
+        weights = peft.lora_merge(base, lora, alpha=lora_alpha, rank=lora_rank) if lora else base
+        image_prompt, text_prompt = params.get("image_prompt"), params.get("text_prompt")
+        if "log_temperature" in params:
+            t = temperature_from_log(params["log_temperature"], min_temperature, max_temperature)
+        else:
+            t = temperature
+        img = image_embedding(model, weights, batch["image_ids"], batch["image_mask"], batch["pixel_values"],
+                              prompt=image_prompt, prompt_start=batch.get("image_prompt_start"))
+        txt = text_embedding(model, weights, batch["text_ids"], batch["text_mask"], prompt=text_prompt,
+                             prompt_start=batch.get("text_prompt_start"))
+        long_logits = None
+        if ntp_weight:
+            embeds = model.apply({"params": weights}, batch["long_ids"], batch["pixel_values"],
+                                 method="embed_multimodal")
+            if image_prompt is not None and "long_prompt_start" in batch:
+                embeds = peft.replace_span(embeds, batch["long_prompt_start"], image_prompt)
+            hidden, _ = model.apply({"params": weights}, None, batch["long_mask"], inputs_embeds=embeds,
+                                    method="hidden_states")
+            long_logits = model.apply({"params": weights}, hidden, method="logits")
+        return total_loss(img, txt, long_logits, batch.get("long_ids"), batch.get("long_loss_mask"),
+                          batch["has_short"], batch.get("has_long"), temperature=t, ntp_weight=ntp_weight)
+
+    return loss_fn
