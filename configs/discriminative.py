@@ -1,0 +1,50 @@
+"""Discriminative fine-tuning of an LVLM ("VladVA", arXiv 2412.04378): soft prompts + LoRA, InfoNCE + NTP.
+
+Usage:
+  python launch/main.py --config=configs/discriminative.py:runlocal --workdir=/tmp/vladva   # offline, CPU
+  python launch/main.py --config=configs/discriminative.py \
+      --config.model.checkpoint=/ckpt/llava-1.5-7b-hf --config.data.manifest=/data/pairs.jsonl \
+      --config.data.retrieval_json=/data/dataset_flickr30k.json --config.data.image_root=/data/flickr30k-images \
+      --workdir=/runs/vladva
+
+The paper publishes neither its prompts, temperature nor loss weight: the defaults are E5-V's prompts, a fixed
+temperature of 0.05 and NTP weight 1; LoRA rank 16 / alpha 16 on the LM's linear layers (as the paper).
+"""
+
+import ml_collections
+
+from vlm_jax import config_utils
+
+
+def get_config(arg=None):
+    arg = config_utils.parse_arg(arg, runlocal=False)
+    from vlm_jax.methods import discriminative as disc
+
+    c = ml_collections.ConfigDict()
+    c.program = "lvlm_embed"
+    c.rng_seed = 0
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32")
+    c.data = dict(name="manifest", manifest="", retrieval_json="", retrieval_split="test", image_root="",
+                  text_len=64, long_len=160, batch_size=32)
+    c.method = dict(
+        chat_template="USER: {} ASSISTANT:",       # LLaVA-1.5's conversation format
+        image_prompt=disc.IMAGE_PROMPT, text_prompt=disc.TEXT_PROMPT,
+        short_max_tokens=disc.SHORT_CAPTION_MAX_TOKENS,
+        temperature=disc.DEFAULT_TEMPERATURE, learn_temperature=False, ntp_weight=1.0,
+        lora_rank=16, lora_alpha=16.0,
+        # (regex or (regex, input axes)) over '/'-joined param paths: the LM's linear layers.
+        lora_targets=list(disc.LORA_TARGETS),
+    )
+    c.train = dict(epochs=1, batch_size=1024,
+                   optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"),
+                   param_groups=[("lora/.*", 1.0), ("(image|text)_prompt", 1.0), ("log_temperature", 1.0)])
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+    if arg.runlocal:
+        c.model.checkpoint = "builtin:tiny-llava"
+        c.data.name = "builtin"
+        c.data.text_len, c.data.long_len, c.data.batch_size = 48, 160, 16
+        c.method.lora_rank, c.method.lora_alpha = 4, 4.0
+        c.train.epochs, c.train.batch_size = 2, 16
+        c.train.optim.lr = 3e-3
+    return c

@@ -1,0 +1,76 @@
+"""Token batches for the discriminative method, and its `:runlocal` run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vlm_jax.data import pairs, tokenize
+from vlm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_PROMPT = "<image>\nSummary above image in one word:"
+TEXT_PROMPT = "<sent>\nSummary above sentence in one word:"
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    texts = ["USER: hello ASSISTANT:", IMAGE_PROMPT, TEXT_PROMPT, "a photo of a cat.", "a dog on the grass " * 8]
+    tok = tokenize.build_offline_tokenizer(texts, tmp_path_factory.mktemp("tok"))
+    spec = pairs.PromptSpec(chat_template="USER: {} ASSISTANT:", image_prompt=IMAGE_PROMPT, text_prompt=TEXT_PROMPT,
+                            tokens_per_image=4, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                            short_max_tokens=12, text_len=24, long_len=48)
+    return pairs.Tokens(tok, spec)
+
+
+def test_prompt_spans_hold_the_handcrafted_prompt(tokens):
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    batch = pairs.train_batch(tokens, images, ["a photo of a cat.", None], [None, "a dog on the grass " * 8])
+    p_img, p_txt = pairs.soft_prompt_lengths(tokens)
+    for row in range(2):
+        s = batch["image_prompt_start"][row]
+        assert list(batch["image_ids"][row, s:s + p_img]) == tokens.image_prompt
+        s = batch["text_prompt_start"][row]
+        assert list(batch["text_ids"][row, s:s + p_txt]) == tokens.text_prompt
+        s = batch["long_prompt_start"][row]
+        assert list(batch["long_ids"][row, s:s + p_img]) == tokens.image_prompt
+    assert (batch["image_ids"] == tokens.spec.image_token_id).sum(axis=1).tolist() == [4, 4]
+    assert batch["text_ids"].shape == (2, 24) and batch["long_ids"].shape == (2, 48)
+    assert batch["has_short"].tolist() == [True, False] and batch["has_long"].tolist() == [False, True]
+    # The NTP targets are the long caption's tokens only (and EOS), never the prompt.
+    n_prompt = len(tokens.image_row()[0])
+    assert batch["long_loss_mask"][1, :n_prompt].sum() == 0 and batch["long_loss_mask"][1].sum() > 0
+    assert (batch["long_loss_mask"] <= batch["long_mask"]).all()
+
+
+def test_split_captions_by_length(tokens):
+    assert pairs.split_captions(tokens, ["a photo of a cat.", "a dog on the grass " * 8]) == (
+        "a photo of a cat.", "a dog on the grass " * 8)
+    assert pairs.split_captions(tokens, [None, "a dog."]) == ("a dog.", None)
+
+
+def test_bad_specs(tokens):
+    with pytest.raises(UserError, match="one '{}'"):
+        pairs.PromptSpec(chat_template="USER:", image_prompt=IMAGE_PROMPT, text_prompt=TEXT_PROMPT,
+                         tokens_per_image=4, image_token_id=4)
+    with pytest.raises(UserError, match="must start with '<image>'"):
+        pairs.PromptSpec(chat_template="{}", image_prompt="Summary:", text_prompt=TEXT_PROMPT,
+                         tokens_per_image=4, image_token_id=4)
+
+
+def test_runlocal_trains_and_evaluates(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
+                           "--config=configs/discriminative.py:runlocal", f"--workdir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.load(open(tmp_path / "run" / "results.json"))
+    history = out["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert len(out["retrieval"]) == 2
+    for row in out["retrieval"].values():
+        assert 0.0 <= row["t2i_R@1"] <= 100.0 and row["i2t_R@10"] == 100.0  # 10 images: R@10 is always 100
+    assert "VladVA" in (tmp_path / "run" / "results.md").read_text()
