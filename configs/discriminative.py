@@ -24,8 +24,14 @@ def get_config(arg=None):
     c.program = "lvlm_embed"
     c.rng_seed = 0
     c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32")
-    c.data = dict(name="manifest", manifest="", retrieval_json="", retrieval_split="test", image_root="",
+    c.data = dict(name="manifest", manifest="", image_root="",
+                  # Evaluation (any subset): Karpathy-split retrieval JSON, SugarCrepe folder, Winoground JSONL,
+                  # a few-shot-layout classification dataset (zero-shot through the same embeddings).
+                  retrieval_json="", retrieval_split="test", sugarcrepe="", sugarcrepe_images="",
+                  winoground="", winoground_images="", classification="", classification_root="",
                   text_len=64, long_len=160, batch_size=32)
+    # CLIP baseline on the same evaluation suite ('' to skip), e.g. openai/clip-vit-large-patch14-336.
+    c.clip_checkpoint = ""
     c.method = dict(
         chat_template="USER: {} ASSISTANT:",       # LLaVA-1.5's conversation format
         image_prompt=disc.IMAGE_PROMPT, text_prompt=disc.TEXT_PROMPT,
@@ -42,6 +48,7 @@ def get_config(arg=None):
 
     if arg.runlocal:
         c.model.checkpoint = "builtin:tiny-llava"
+        c.clip_checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin"
         c.data.text_len, c.data.long_len, c.data.batch_size = 48, 160, 16
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0

@@ -70,7 +70,8 @@ def test_runlocal_trains_and_evaluates(tmp_path):
     out = json.load(open(tmp_path / "run" / "results.json"))
     history = out["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert len(out["retrieval"]) == 2
-    for row in out["retrieval"].values():
+    assert list(out["results"]) == ["CLIP", "LVLM + handcrafted prompts (E5-V style)", "VladVA (soft prompts + LoRA)"]
+    for row in out["results"].values():
         assert 0.0 <= row["t2i_R@1"] <= 100.0 and row["i2t_R@10"] == 100.0  # 10 images: R@10 is always 100
+        assert {"sugarcrepe/replace_obj", "winoground/group", "classification/accuracy"} <= set(row)
     assert "VladVA" in (tmp_path / "run" / "results.md").read_text()

@@ -25,6 +25,7 @@ from vlm_jax.data import captions as captions_lib
 from vlm_jax.data import features as feats
 from vlm_jax.data import pairs, preprocess, tokenize
 from vlm_jax.eval import report, retrieval
+from vlm_jax.eval import suite as eval_suite
 from vlm_jax.methods import discriminative as disc
 from vlm_jax.models import peft
 from vlm_jax.train import mesh as mesh_lib
@@ -32,6 +33,11 @@ from vlm_jax.train import trainer
 from vlm_jax.train.metrics import MetricWriter
 
 BUILTIN_CHECKPOINT = "builtin:tiny-llava"
+TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "i2t_R@1": "I2T R@1", "i2t_R@5": "I2T R@5",
+                 "sugarcrepe/replace": "SugarCrepe replace", "sugarcrepe/replace_obj": "SugarCrepe replace-obj",
+                 "sugarcrepe/average": "SugarCrepe avg", "winoground/text": "Wino text",
+                 "winoground/image": "Wino image", "winoground/group": "Wino group",
+                 "classification/accuracy": "zero-shot cls"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,65 +72,106 @@ def resolve_checkpoint(spec: str, cache_root: str, texts) -> str:
 
 
 def load_pairs(dc):
-    """(train [(image, short, long)], test [(image, caption)]); images are Examples or paths."""
+    """(train [(image, short, long)], extra texts for a toy tokenizer's corpus)."""
     if dc.name == "builtin":
         _, train, test = _builtin_pairs()
-        return train, test
-    if not dc.manifest or not dc.retrieval_json:
-        raise errors.UserError("discriminative fine-tuning needs --config.data.manifest=pairs.jsonl (image, "
-                               "short_caption, long_caption) and --config.data.retrieval_json=dataset_flickr30k.json "
-                               "(Karpathy format) with --config.data.image_root; or try "
-                               "--config=configs/discriminative.py:runlocal")
+        return train, [c for _, c in test]
+    if not dc.manifest:
+        raise errors.UserError("discriminative fine-tuning needs --config.data.manifest=pairs.jsonl (lines of image, "
+                               "short_caption, long_caption); or try --config=configs/discriminative.py:runlocal")
+    if not (dc.retrieval_json or dc.sugarcrepe or dc.winoground or dc.classification):
+        raise errors.UserError("nothing to evaluate on: pass --config.data.retrieval_json (Karpathy format) and/or "
+                               "--config.data.sugarcrepe, --config.data.winoground, --config.data.classification")
     train = [(p.image, p.short_caption, p.long_caption) for p in captions_lib.read_manifest(dc.manifest, dc.image_root)]
-    rs = captions_lib.read_karpathy(dc.retrieval_json, dc.image_root, split=dc.retrieval_split)
-    test = [(rs.image_paths[i], rs.captions[j]) for j, i in enumerate(rs.caption_to_image)]
-    return train, test
+    return train, []
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Embeddings for evaluation.
+# Embedding functions for the evaluation suite.
 
 def _load(item, pp) -> np.ndarray:
     src = item.array if getattr(item, "array", None) is not None else getattr(item, "path", item)
     return preprocess.clip_preprocess(preprocess.load_image(src), **pp)
 
 
-def embed_retrieval_set(model, params, tokens, test, pp, mesh, batch_size, image_prompt=None, text_prompt=None):
-    """(image embeddings f32[I, D], text embeddings f32[T, D], caption_to_image i32[T]) of the test pairs."""
-    images = list(dict.fromkeys(id(x) if not isinstance(x, str) else x for x, _ in test))
-    first = {}
-    for x, _ in test:
-        first.setdefault(id(x) if not isinstance(x, str) else x, x)
-    c2i = np.array([images.index(id(x) if not isinstance(x, str) else x) for x, _ in test], np.int32)
+def _batched(fn, items, make, mesh, batch_size) -> np.ndarray:
+    """fn(batch) over items in fixed-size (padded) batches sharded on the mesh; f32[len(items), D]."""
+    out, div = [], mesh_lib.batch_divisor(mesh)
+    bs = max(div, batch_size // div * div)
+    for i in range(0, len(items), bs):
+        chunk = list(items[i:i + bs])
+        n = len(chunk)
+        chunk += [chunk[0]] * (bs - n)  # one compiled shape
+        out.append(np.asarray(fn(mesh_lib.shard_batch(make(chunk), mesh)))[:n])
+    return np.concatenate(out)
+
+
+def lvlm_embedders(model, params, tokens, pp, mesh, batch_size, image_prompt=None, text_prompt=None):
+    """(embed_images, embed_texts) of the LVLM's summary token, with optional soft prompts."""
     # Trained prompts come back from the trainer as host (numpy) arrays; inside jit they must be jax arrays.
     image_prompt = None if image_prompt is None else jnp.asarray(image_prompt)
     text_prompt = None if text_prompt is None else jnp.asarray(text_prompt)
 
     @jax.jit
-    def img_fn(p, batch):
-        return disc.image_embedding(model, p, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                    prompt=image_prompt, prompt_start=batch["prompt_start"] if image_prompt
-                                    is not None else None)
+    def img_fn(batch):
+        return disc.image_embedding(model, params, batch["input_ids"], batch["attention_mask"],
+                                    batch["pixel_values"], prompt=image_prompt,
+                                    prompt_start=None if image_prompt is None else batch["prompt_start"])
 
     @jax.jit
-    def txt_fn(p, batch):
-        return disc.text_embedding(model, p, batch["input_ids"], batch["attention_mask"], prompt=text_prompt,
-                                   prompt_start=batch["prompt_start"] if text_prompt is not None else None)
+    def txt_fn(batch):
+        return disc.text_embedding(model, params, batch["input_ids"], batch["attention_mask"], prompt=text_prompt,
+                                   prompt_start=None if text_prompt is None else batch["prompt_start"])
 
-    def run(fn, items, make):
-        out = []
-        div = mesh_lib.batch_divisor(mesh)
-        bs = max(div, batch_size // div * div)
-        for i in range(0, len(items), bs):
-            chunk = items[i:i + bs]
-            n = len(chunk)
-            chunk = chunk + [chunk[0]] * (bs - n)  # one compiled shape
-            out.append(np.asarray(fn(params, mesh_lib.shard_batch(make(chunk), mesh)))[:n])
-        return np.concatenate(out)
+    def embed_images(items):
+        return _batched(img_fn, items, lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])),
+                        mesh, batch_size)
 
-    img = run(img_fn, [first[k] for k in images], lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])))
-    txt = run(txt_fn, [c for _, c in test], lambda cs: pairs.text_batch(tokens, cs))
-    return img, txt, c2i
+    def embed_texts(texts):
+        return _batched(txt_fn, texts, lambda cs: pairs.text_batch(tokens, cs), mesh, batch_size)
+
+    return embed_images, embed_texts
+
+
+def clip_embedders(checkpoint: str, mesh, batch_size):
+    """(embed_images, embed_texts) of a CLIP checkpoint: the baseline on the same suite."""
+    from vlm_jax.programs import fewshot_clip
+
+    bb = fewshot_clip.Backbone(checkpoint, "float32", mesh)
+
+    def embed_images(items):
+        return _batched(lambda x: bb.encode_image(bb.params, x), items,
+                        lambda xs: np.stack([_load(x, bb.pp) for x in xs]), mesh, batch_size)
+
+    def embed_texts(texts):
+        def make(cs):
+            ids, mask = tokenize.tokenize(bb.tokenizer, cs, bb.model.text.max_position_embeddings)
+            return np.stack([ids, mask], axis=1)
+        return _batched(lambda t: bb.encode_text(bb.params, t), texts, make, mesh, batch_size)
+
+    return embed_images, embed_texts
+
+
+def build_suite(dc) -> eval_suite.Suite:
+    if dc.name == "builtin":
+        from vlm_jax.data import builtin
+        return eval_suite.toy_suite(builtin.builtin_dataset())
+    s = eval_suite.Suite()
+    if dc.retrieval_json:
+        rs = captions_lib.read_karpathy(dc.retrieval_json, dc.image_root, split=dc.retrieval_split)
+        s.retrieval = (rs.image_paths, rs.captions, rs.caption_to_image)
+    if dc.sugarcrepe:
+        s.sugarcrepe = {k: [tuple(it) for it in v]
+                        for k, v in captions_lib.read_sugarcrepe(dc.sugarcrepe, dc.sugarcrepe_images).items()}
+    if dc.winoground:
+        s.winoground = [(w.image_0, w.image_1, w.caption_0, w.caption_1)
+                        for w in captions_lib.read_winoground(dc.winoground, dc.winoground_images)]
+    if dc.classification:
+        from vlm_jax.data import fewshot
+        ds = fewshot.load_dataset(dc.classification, dc.classification_root)
+        s.classification = (ds.test, np.array([e.label for e in ds.test], np.int32),
+                            [ds.templates[0].format(c) for c in ds.classnames])
+    return s
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,9 +180,10 @@ def embed_retrieval_set(model, params, tokens, test, pp, mesh, batch_size, image
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dc, mc, tc = config.data, config.method, config.train
     cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
-    train_pairs, test = load_pairs(dc)
+    train_pairs, extra_texts = load_pairs(dc)
+    suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
     texts = [mc.chat_template.replace("{}", mc.image_prompt), mc.chat_template.replace("{}", mc.text_prompt)]
-    texts += [c for _, s, l in train_pairs for c in (s, l) if c] + [c for _, c in test]
+    texts += [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
     ckpt = resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts)
 
     os.makedirs(workdir, exist_ok=True)
@@ -149,13 +197,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             tokens_per_image=model.cfg.tokens_per_image, image_token_id=model.cfg.image_token_id,
                             short_max_tokens=mc.short_max_tokens, text_len=dc.text_len, long_len=dc.long_len)
     tokens = pairs.Tokens(tok, spec)
-    logging.info("LLaVA %s: %d train pairs, %d test captions, %d image tokens per image", ckpt, len(train_pairs),
-                 len(test), spec.tokens_per_image)
+    logging.info("LLaVA %s: %d train pairs, %d image tokens per image", ckpt, len(train_pairs),
+                 spec.tokens_per_image)
 
     rows: dict[str, dict[str, float]] = {}
+    if config.clip_checkpoint:
+        from vlm_jax.programs import fewshot_clip
+        clip_ckpt = fewshot_clip.resolve_checkpoint(config.clip_checkpoint, os.path.join(cache_root, "models"))
+        rows["CLIP"] = eval_suite.evaluate(suite, *clip_embedders(clip_ckpt, mesh, dc.batch_size))
     # The E5-V baseline: the untrained LVLM with the handcrafted prompts.
-    img, txt, c2i = embed_retrieval_set(model, base, tokens, test, pp, mesh, dc.batch_size)
-    rows["LVLM + handcrafted prompts (E5-V style)"] = retrieval.retrieval_recall(img, txt, c2i)
+    rows["LVLM + handcrafted prompts (E5-V style)"] = eval_suite.evaluate(
+        suite, *lvlm_embedders(model, base, tokens, pp, mesh, dc.batch_size))
 
     # VladVA: soft prompts (initialised from the handcrafted prompts' embeddings) + LoRA; the base frozen.
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
@@ -190,14 +242,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
     trained = fit.best_params
     weights = peft.lora_merge(base, trained["lora"], alpha=mc.lora_alpha, rank=mc.lora_rank)
-    img, txt, c2i = embed_retrieval_set(model, weights, tokens, test, pp, mesh, dc.batch_size,
-                                        image_prompt=trained["image_prompt"], text_prompt=trained["text_prompt"])
-    rows["VladVA (soft prompts + LoRA)"] = retrieval.retrieval_recall(img, txt, c2i)
+    rows["VladVA (soft prompts + LoRA)"] = eval_suite.evaluate(suite, *lvlm_embedders(
+        model, weights, tokens, pp, mesh, dc.batch_size, trained["image_prompt"], trained["text_prompt"]))
 
-    metrics = {f"{d}_R@{k}": f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    md = retrieval.format_table(rows, metrics, title=f"zero-shot retrieval, {len(set(c2i.tolist()))} images / "
-                                                      f"{len(c2i)} captions, {os.path.basename(ckpt)}")
-    out = {"checkpoint": ckpt, "train_pairs": n, "history": fit.history, "retrieval": rows}
+    present = set().union(*(r.keys() for r in rows.values()))
+    metrics = {k: h for k, h in TABLE_COLUMNS.items() if k in present}
+    md = retrieval.format_table(rows, metrics, title=f"zero-shot evaluation (%), {os.path.basename(ckpt)}")
+    out = {"checkpoint": ckpt, "train_pairs": n, "history": fit.history, "results": rows}
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
     print("\n" + md, flush=True)
