@@ -7,6 +7,11 @@ Usage:
       --config.data.retrieval_json=/data/dataset_flickr30k.json --config.data.image_root=/data/flickr30k-images \
       --workdir=/runs/vladva
 
+TFDS caption datasets prepared as array_record (`tfds build coco_captions --file_format=array_record`; read
+without TensorFlow): --config.data.name=tfds:coco_captions trains on the 'train' split (first caption of each
+image, 'captions/text'), --config.data.retrieval_json=tfds:coco_captions evaluates retrieval on split
+data.retrieval_split with every caption; --config.data.tfds_data_dir sets the TFDS data dir ('' = TFDS's default).
+
 The paper publishes neither its prompts, temperature nor loss weight: the defaults are E5-V's prompts, a fixed
 temperature of 0.05 and NTP weight 1; LoRA rank 16 / alpha 16 on the LM's linear layers (as the paper).
 """
@@ -29,7 +34,7 @@ def get_config(arg=None):
                   # a few-shot-layout classification dataset (zero-shot through the same embeddings).
                   retrieval_json="", retrieval_split="test", sugarcrepe="", sugarcrepe_images="",
                   winoground="", winoground_images="", classification="", classification_root="",
-                  text_len=64, long_len=160, batch_size=32)
+                  tfds_data_dir="", text_len=64, long_len=160, batch_size=32)
     # CLIP baseline on the same evaluation suite ('' to skip), e.g. openai/clip-vit-large-patch14-336.
     c.clip_checkpoint = ""
     c.method = dict(

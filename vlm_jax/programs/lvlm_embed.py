@@ -76,13 +76,19 @@ def load_pairs(dc):
     if dc.name == "builtin":
         _, train, test = _builtin_pairs()
         return train, [c for _, c in test]
-    if not dc.manifest:
+    tfds_name = dc.name[len("tfds:"):] if dc.name.startswith("tfds:") else None
+    if not dc.manifest and not tfds_name:
         raise errors.UserError("discriminative fine-tuning needs --config.data.manifest=pairs.jsonl (lines of image, "
                                "short_caption, long_caption); or try --config=configs/discriminative.py:runlocal")
     if not (dc.retrieval_json or dc.sugarcrepe or dc.winoground or dc.classification):
         raise errors.UserError("nothing to evaluate on: pass --config.data.retrieval_json (Karpathy format) and/or "
                                "--config.data.sugarcrepe, --config.data.winoground, --config.data.classification")
-    train = [(p.image, p.short_caption, p.long_caption) for p in captions_lib.read_manifest(dc.manifest, dc.image_root)]
+    if tfds_name:  # TFDS caption dataset (array_record), e.g. 'tfds:coco_captions'; images decode lazily.
+        from vlm_jax.data import tfds_source
+        got = tfds_source.tfds_caption_pairs(tfds_name, dc.get("tfds_data_dir") or None)
+    else:
+        got = captions_lib.read_manifest(dc.manifest, dc.image_root)
+    train = [(p.image, p.short_caption, p.long_caption) for p in got]
     return train, []
 
 
@@ -157,7 +163,11 @@ def build_suite(dc) -> eval_suite.Suite:
         from vlm_jax.data import builtin
         return eval_suite.toy_suite(builtin.builtin_dataset())
     s = eval_suite.Suite()
-    if dc.retrieval_json:
+    if dc.retrieval_json.startswith("tfds:"):  # every caption of each image of split retrieval_split
+        from vlm_jax.data import tfds_source
+        s.retrieval = tuple(tfds_source.tfds_retrieval_set(dc.retrieval_json[len("tfds:"):],
+                                                           dc.get("tfds_data_dir") or None, split=dc.retrieval_split))
+    elif dc.retrieval_json:
         rs = captions_lib.read_karpathy(dc.retrieval_json, dc.image_root, split=dc.retrieval_split)
         s.retrieval = (rs.image_paths, rs.captions, rs.caption_to_image)
     if dc.sugarcrepe:
