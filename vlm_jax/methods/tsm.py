@@ -1,0 +1,161 @@
+"""VITask's task-specific model (TSM), pure pieces: a CLIP/ViT vision tower + a linear head, trained jointly over
+several datasets with one head whose softmax is masked to each sample's own dataset (METHODS.md, VITask: one
+joint 70-way model over the 12 MedMNIST datasets). The exemplar fed to VITask's connector is the tower's pooled
+class-token feature (`exemplar_features`).
+
+Parameter tree of `TSMClassifier` (plain dicts after `nn.meta.unbox`):
+
+    {'tower': <a CLIPVisionTower's params, i.e. the subtree CLIP keeps under 'vision_model'>,
+     'head':  {'kernel': f32[D, C] ('embed', 'classes'), 'bias': f32[C] ('classes',)}}
+
+so param groups read e.g. `(r"tower/.*", 0.1), (r"head/.*", 1.0)` (or `PARAM_GROUPS`).
+
+Joint label space. Dataset k owns the contiguous class range [offsets[k], offsets[k] + sizes[k]) of the
+C = sum(sizes) logits; `labels` are global indices into that range. `dataset_class_mask` builds the per-sample
+mask, `masked_logits` pushes every logit outside it to a large negative, so softmax / CE / argmax over the
+masked logits equal those over the sample's own label subset.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vlm_jax.models import clip
+
+Dtype = jnp.dtype
+NEG = -1e9  # "minus infinity" that stays finite (no inf - inf NaNs), exact enough in bf16 too
+PARAM_GROUPS = ((r"tower/.*", 1.0), (r"head/.*", 1.0))  # full fine-tuning, as the paper's TSM
+
+
+class TSMClassifier(nn.Module):
+    """CLIPVisionTower + linear head.
+
+    Attributes:
+      vision: the tower's `clip.VisionConfig`.
+      num_classes: C, total classes over all jointly trained datasets.
+      dtype, param_dtype, attention_impl: as `clip.CLIPVisionTower`.
+    """
+
+    vision: clip.VisionConfig
+    num_classes: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """f32[B, H, W, 3] normalised NHWC images -> (logits f32[B, C], feature f32[B, D]).
+
+        feature is the tower's pooled output (post_layernorm of the last layer's class token).
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        feature, _ = clip.CLIPVisionTower(self.vision, attention_impl=self.attention_impl, name="tower",
+                                          **kw)(pixel_values)
+        part = nn.with_logical_partitioning
+        logits = nn.Dense(self.num_classes, kernel_init=part(nn.initializers.lecun_normal(), ("embed", "classes")),
+                          bias_init=part(nn.initializers.zeros_init(), ("classes",)), name="head", **kw)(feature)
+        return logits.astype(jnp.float32), feature.astype(jnp.float32)
+
+    def init_inputs(self, batch: int = 1):
+        v = self.vision
+        return (jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32),)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked joint softmax.
+
+def dataset_class_mask(dataset_ids, offsets: Sequence[int], sizes: Sequence[int], num_classes: int) -> jax.Array:
+    """i32[B] dataset ids -> bool[B, C]: True on [offsets[id], offsets[id] + sizes[id])."""
+    offsets, sizes = jnp.asarray(offsets, jnp.int32), jnp.asarray(sizes, jnp.int32)
+    ids = jnp.asarray(dataset_ids, jnp.int32)
+    lo = offsets[ids][:, None]
+    hi = lo + sizes[ids][:, None]
+    c = jnp.arange(num_classes, dtype=jnp.int32)[None]
+    return (c >= lo) & (c < hi)
+
+
+def dataset_offsets(sizes: Sequence[int]) -> np.ndarray:
+    """Contiguous class offsets for datasets of the given sizes: [0, s0, s0 + s1, ...]."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+
+
+def masked_logits(logits: jax.Array, class_mask: jax.Array) -> jax.Array:
+    """f32[B, C], bool[B, C] -> f32[B, C] with `NEG` outside the mask (softmax restricted to the mask)."""
+    return jnp.where(class_mask, logits, jnp.asarray(NEG, logits.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training, initialisation, inference.
+
+def make_loss_fn(model: TSMClassifier):
+    """loss_fn(params, batch, rng) -> (loss, {'loss', 'accuracy'}) for `vlm_jax.train.trainer`.
+
+    batch: {'pixel_values' f32[B, H, W, 3], 'labels' i32[B] (global class index), 'class_mask' bool[B, C]}.
+    Loss: mean CE of the masked logits. `rng` is unused (the tower has no dropout).
+    """
+
+    def loss_fn(params, batch, rng):
+        del rng
+        logits, _ = model.apply({"params": params}, batch["pixel_values"])
+        logits = masked_logits(logits, batch["class_mask"])
+        labels = batch["labels"].astype(jnp.int32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        acc = (jnp.argmax(logits, -1) == labels).mean()
+        return loss, {"loss": loss, "accuracy": acc}
+
+    return loss_fn
+
+
+def init_params(model: TSMClassifier, rng: jax.Array):
+    """Random, unboxed params {'tower', 'head'}."""
+    return nn.meta.unbox(jax.jit(model.init)(rng, *model.init_inputs())["params"])
+
+
+def init_from_clip(model: TSMClassifier, clip_params, rng: jax.Array | None = None):
+    """TSM params with the tower copied from a loaded CLIP checkpoint and a freshly initialised head.
+
+    Args:
+      model: the TSM; its `vision` config must match the checkpoint's vision tower.
+      clip_params: a `CLIP` params tree (e.g. from `vlm_jax.convert.clip.from_pretrained`, reads its
+        'vision_model' subtree) or directly a `CLIPVisionTower` tree.
+      rng: head init key (default key 0).
+
+    Raises:
+      ValueError: if the tower structure or a shape/dtype differs.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, rng, *model.init_inputs())["params"])
+    tower = nn.meta.unbox(clip_params)
+    tower = tower.get("vision_model", tower)
+    want, got = jax.tree.structure(shapes["tower"]), jax.tree.structure(tower)
+    if want != got:
+        raise ValueError(f"CLIP vision params do not match the TSM tower:\n{got}\nvs\n{want}")
+    for (path, s), t in zip(jax.tree_util.tree_leaves_with_path(shapes["tower"]), jax.tree.leaves(tower)):
+        if tuple(s.shape) != tuple(t.shape):
+            raise ValueError(f"tower{jax.tree_util.keystr(path)}: CLIP {tuple(t.shape)} vs TSM {tuple(s.shape)}")
+    head_rng = jax.random.fold_in(rng, 1)
+    head = nn.Dense(model.num_classes, param_dtype=model.param_dtype,
+                    kernel_init=nn.initializers.lecun_normal()).init(
+        head_rng, jnp.zeros((1, model.vision.hidden_size), model.param_dtype))["params"]
+    tower = jax.tree.map(lambda t: jnp.asarray(t, model.param_dtype), tower)
+    return {"tower": tower, "head": dict(head)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predict(model: TSMClassifier, params, pixel_values, class_mask) -> jax.Array:
+    """-> i32[B]: argmax of the masked logits (always inside each sample's dataset)."""
+    logits, _ = model.apply({"params": params}, pixel_values)
+    return jnp.argmax(masked_logits(logits, class_mask), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def exemplar_features(model: TSMClassifier, params, pixel_values) -> jax.Array:
+    """-> f32[B, D]: the pooled class-token feature VITask feeds to its `ExemplarConnector`."""
+    return model.apply({"params": params}, pixel_values)[1]
