@@ -25,6 +25,11 @@ from vlm_jax.train.metrics import Progress
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2))
 
 
+def load_all(load: Callable[[Any], np.ndarray], items: Sequence[Any]) -> np.ndarray:
+    """np.stack of `load(item)` for all items, decoded in a thread pool (PIL releases the GIL), in order."""
+    return np.stack(list(_POOL.map(load, items)))
+
+
 def checkpoint_fingerprint(checkpoint_dir: str) -> dict[str, Any]:
     """Identifies a checkpoint by its config and the sizes/mtimes of its weight files (cheap, no hashing)."""
     files = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith((".safetensors", "config.json")))

@@ -214,7 +214,7 @@ def finetune(bb: Backbone, few, tc, *, name: str, adapter, consts, method_loss, 
             idx = order[start:start + size]
             start += size
             items = [(few[i], (seed, 100_000 + epoch, int(i))) for i in idx]
-            yield {"images": np.stack(list(feats._POOL.map(bb.augment_transform, items))), "labels": labels[idx]}
+            yield {"images": feats.load_all(bb.augment_transform, items), "labels": labels[idx]}
 
     encode = bb.model.encode_image
 

@@ -241,7 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         order = np.random.default_rng([config.rng_seed, epoch]).permutation(n)
         for i in range(steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            images = np.stack(list(feats._POOL.map(lambda j: _load(train_pairs[j][0], pp), idx)))
+            images = feats.load_all(lambda j: _load(train_pairs[j][0], pp), idx)
             yield pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
 
     writer = MetricWriter(workdir)
