@@ -26,8 +26,9 @@ def get_config(arg=None):
     # name: a MedMNIST 2D single-label dataset (load_medmnist) or 'builtin' (the toy photos);
     # size: MedMNIST image size (0 = the 28 px default file); test_limit: evaluate on the first N of a fixed
     # permutation of the test split (0 = all).
+    # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction).
     c.data = dict(name="dermamnist", root="", size=0, test_limit=0, eval_batch_size=8,
-                  chat_template="USER: {} ASSISTANT:")
+                  chat_template="USER: {} ASSISTANT:", full_instruction=True)
     # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
     c.tsm = dict(checkpoint="openai/clip-vit-base-patch16", epochs=30, batch_size=128,
                  optim=dict(name="adamw", lr=1e-5, weight_decay=0.05, decay_type="cosine"))

@@ -74,7 +74,8 @@ def load_task(dc) -> Task:
     if dc.name == "builtin":
         from vlm_jax.data import builtin
         ds = builtin.builtin_dataset()
-        instr = f"Analyze the given photo image. The possible diagnoses are: {', '.join(ds.classnames)}."
+        instr = "Analyze the given photo image." + (
+            f" The possible diagnoses are: {', '.join(ds.classnames)}." if dc.full_instruction else "")
         return Task("builtin", list(ds.classnames), instr, [f"{c}." for c in ds.classnames],
                     list(ds.train), list(ds.test))
     if not dc.root:
@@ -83,7 +84,7 @@ def load_task(dc) -> Task:
     ds = medmnist.load_medmnist(dc.name, dc.root, size=dc.size or None)
     if ds.multi_label:
         raise errors.UserError(f"{dc.name} is multi-label; this program ranks single labels (use another dataset)")
-    return Task(ds.name, list(ds.classnames), medmnist.instruction(dc.name),
+    return Task(ds.name, list(ds.classnames), medmnist.instruction(dc.name, include_labels=dc.full_instruction),
                 [medmnist.response([c]) for c in ds.classnames], list(ds.train), list(ds.test))
 
 
