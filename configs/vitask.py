@@ -37,6 +37,9 @@ def get_config(arg=None):
         stage1_epochs=1, stage2_epochs=1,
         connector_hidden=0,                      # 0: the LM's width
         lora_rank=16, lora_alpha=16.0, lora_targets=list(disc.LORA_TARGETS),
+        # 'generate': greedy answers matched to the label set (unmatched = wrong), as the paper evaluates;
+        # 'likelihood': the faster ranking of every label's response; 'both': two sets of rows.
+        eval_mode="both",
     )
     c.train = dict(batch_size=32, optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"))
     c.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -21,6 +21,9 @@ def test_vitask_runlocal(tmp_path):
         row = out["results"][name]
         for metric in ("accuracy", "macro_f1"):
             assert 0.0 <= row[metric] <= 100.0, (name, metric, row)
+    for name in ROWS[1:]:  # the LVLM rows again, from greedy answers matched to the label set
+        row = out["results"][f"{name} [generated]"]
+        assert 0.0 <= row["accuracy"] <= 100.0 - row["unmatched"] + 1e-9, row  # unmatched answers count as wrong
     sha = out["connector_sha256"]
     assert sha["stage1"] and sha["stage1"] == sha["stage2"], sha  # the connector is frozen in stage 2
     assert out["history"]["stage2"] and "train_crt" in out["history"]["stage2"][0]

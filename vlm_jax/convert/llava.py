@@ -156,6 +156,13 @@ def to_hf(model: Llava, params, out_dir, *, dtype=None, extra_files=None) -> pat
     return loader.write_checkpoint(out_dir, tensors, config, extra_files)
 
 
+def texts_key(texts) -> str:
+    """A short stable key of a toy checkpoint's tokenizer corpus (for cache folder names)."""
+    import hashlib
+
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+
+
 def write_random_checkpoint(out_dir, texts, *, seed: int = 0, vision_type: str = "clip", image_size: int = 32,
                             patch_size: int = 8, dtype=jnp.float32) -> pathlib.Path:
     """A tiny random LLaVA with a BPE tokenizer trained on `texts`, as a complete offline HF checkpoint.

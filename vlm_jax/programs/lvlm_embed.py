@@ -60,7 +60,9 @@ def _builtin_pairs():
 
 def resolve_checkpoint(spec: str, cache_root: str, texts) -> str:
     if spec == BUILTIN_CHECKPOINT:
-        path = os.path.join(cache_root, "tiny-llava-v1")
+        # Its tokenizer is trained on `texts` (the run's prompts): the folder is keyed by them, so a run with
+        # other prompts never picks up a tokenizer that splits them differently.
+        path = os.path.join(cache_root, "tiny-llava-" + llava_convert.texts_key(texts))
         if not os.path.exists(os.path.join(path, "config.json")):
             llava_convert.write_random_checkpoint(path, texts, image_size=32, patch_size=8)
         return path

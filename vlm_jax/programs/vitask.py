@@ -54,7 +54,7 @@ from vlm_jax.train.metrics import MetricWriter
 
 BUILTIN_LLAVA = "builtin:tiny-llava"
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
-COLUMNS = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+COLUMNS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "unmatched": "unmatched answers"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,7 +90,9 @@ def load_task(dc) -> Task:
 
 def resolve_llava(spec: str, cache_root: str, texts) -> str:
     if spec == BUILTIN_LLAVA:
-        path = os.path.join(cache_root, "tiny-llava-vitask-v1")
+        # Its tokenizer is trained on `texts` (the run's prompts): the folder is keyed by them, so a run with
+        # other prompts never picks up a tokenizer that splits them differently.
+        path = os.path.join(cache_root, "tiny-llava-" + llava_convert.texts_key(texts))
         if not os.path.exists(os.path.join(path, "config.json")):
             llava_convert.write_random_checkpoint(path, texts, image_size=32, patch_size=8)
         return path
@@ -246,6 +248,46 @@ def rank_labels(score, base, lora, conn, seqs: Seqs, test, test_feats, pp, batch
     return np.concatenate(preds).astype(np.int32)
 
 
+def generate_labels(model, connector, seqs: Seqs, tok, classnames, base, lora, conn, test, test_feats, pp,
+                    batch: int, use_ep: bool, *, lora_alpha: float, lora_rank: int) -> np.ndarray:
+    """i32[N] predictions from greedy answers: decode, normalise, match to the label set (-1 if unmatched).
+
+    Every prompt has the same tokens ([image + instruction]), so no row needs padding; with EP the exemplar
+    token goes after the image tokens. Decoding runs with the KV cache of `models.generate`.
+    """
+    from vlm_jax.models import generate
+
+    weights = jax.jit(functools.partial(peft.lora_merge, alpha=lora_alpha, rank=lora_rank))(base, lora)
+    image_token_id = model.cfg.image_token_id
+
+    @jax.jit
+    def embed(ids, pixels, feature):
+        embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
+        mask = jnp.ones(ids.shape, jnp.int32)
+        if use_ep:
+            ex = connector.apply({"params": conn}, feature)
+            embeds, mask = vitask.insert_exemplar(embeds, mask, ex, vitask.exemplar_position(ids, image_token_id))
+        return embeds, mask
+
+    max_new = max(len(a) for a in seqs.answers) + 2
+    eos = tok.eos_token_id
+    preds = []
+    for i in range(0, len(test), batch):
+        idx = list(range(i, min(i + batch, len(test))))
+        n = len(idx)
+        idx += [idx[0]] * (batch - n)  # one compiled shape
+        ids = np.tile(np.asarray(seqs.prompt, np.int32), (batch, 1))
+        embeds, mask = embed(ids, _pixels(test, idx, pp), test_feats[idx])
+        out = np.asarray(generate.greedy_generate(model, weights, None, mask, max_new, eos_token_id=eos,
+                                                  pad_token_id=seqs.pad, inputs_embeds=embeds))[:n]
+        for row in out:
+            row = row.tolist()
+            text = tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
+            k = medmnist.match_answer(text, classnames)
+            preds.append(-1 if k is None else k)
+    return np.asarray(preds, np.int32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
@@ -369,17 +411,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eb = max(1, int(dc.eval_batch_size))
     rk = lambda p, conn, ep: rank_labels(score, base, p["lora"], conn, seqs, test, test_feats, pp, eb, ep)
     dummy_conn = p2["connector"]
-    rows["vanilla (L_van)"] = _metrics(rk(van, dummy_conn, False), test_labels, num_classes)
-    rows["VITask w/o EP"] = _metrics(rk(p2, p2["connector"], False), test_labels, num_classes)
-    rows["VITask w/ EP"] = _metrics(rk(p2, p2["connector"], True), test_labels, num_classes)
+    if mc.eval_mode not in ("likelihood", "generate", "both"):
+        raise errors.UserError(f"method.eval_mode must be 'likelihood', 'generate' or 'both', got {mc.eval_mode!r}")
+    variants = [("vanilla (L_van)", van, dummy_conn, False), ("VITask w/o EP", p2, p2["connector"], False),
+                ("VITask w/ EP", p2, p2["connector"], True)]
+    if mc.eval_mode in ("likelihood", "both"):
+        for name, p, conn, ep in variants:
+            rows[name] = _metrics(rk(p, conn, ep), test_labels, num_classes)
+    if mc.eval_mode in ("generate", "both"):
+        # Greedy answers matched to the label set; an unmatched answer counts as wrong.
+        suffix = " [generated]" if mc.eval_mode == "both" else ""
+        for name, p, conn, ep in variants:
+            pred = generate_labels(model, connector, seqs, tok, list(task.classnames), base, p["lora"], conn, test,
+                                   test_feats, pp, eb, ep, **lora_kw)
+            rows[name + suffix] = {**_metrics(pred, test_labels, num_classes),
+                                   "unmatched": 100.0 * float(np.mean(pred < 0))}
     for i, (name, r) in enumerate(rows.items()):
         writer.write(i, r, prefix=f"test/{name}/")
     writer.close()
 
     md = retrieval.format_table(rows, COLUMNS, title=f"VITask on {task.name}: test (%), {len(test)} images, "
-                                                      f"label-likelihood ranking, {os.path.basename(ckpt)}")
+                                                      f"{mc.eval_mode} evaluation, {os.path.basename(ckpt)}")
     out = {"checkpoint": ckpt, "tsm_checkpoint": clip_dir, "dataset": task.name, "num_classes": num_classes,
-           "train_examples": n_train, "test_examples": len(test), "eval_mode": "label_likelihood",
+           "train_examples": n_train, "test_examples": len(test), "eval_mode": mc.eval_mode,
            "connector_sha256": {"stage1": sha1, "stage2": sha2},
            "history": {"tsm": fit.history, "vanilla": h_van, "stage1": h1, "stage2": h2}, "results": rows}
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
