@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
 
@@ -28,3 +30,20 @@ def test_vitask_runlocal(tmp_path):
     assert sha["stage1"] and sha["stage1"] == sha["stage2"], sha  # the connector is frozen in stage 2
     assert out["history"]["stage2"] and "train_crt" in out["history"]["stage2"][0]
     assert (workdir / "results.md").exists() and (workdir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("config, override", [
+    ("configs/vitask.py:runlocal", "--config.model.checkpoint=/nonexistent/llava"),
+    ("configs/vitask.py:runlocal", "--config.tsm.checkpoint=/nonexistent/clip"),
+    ("configs/discriminative.py:runlocal", "--config.model.checkpoint=/nonexistent/llava"),
+    ("configs/discriminative.py:runlocal", "--config.clip_checkpoint=/nonexistent/clip"),
+])
+def test_missing_checkpoint_is_one_line_before_any_work(tmp_path, config, override):
+    workdir = tmp_path / "run"
+    env = dict(os.environ, VLM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "launch/main.py", f"--config={config}", f"--workdir={workdir}", override],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/nonexistent/" in last and config.split(":")[0] in last, last
+    assert not workdir.exists()  # nothing half-written, no model trained for nothing

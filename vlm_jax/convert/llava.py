@@ -156,6 +156,29 @@ def to_hf(model: Llava, params, out_dir, *, dtype=None, extra_files=None) -> pat
     return loader.write_checkpoint(out_dir, tensors, config, extra_files)
 
 
+BUILTIN_CHECKPOINT = "builtin:tiny-llava"
+
+
+def resolve_checkpoint(spec: str, cache_root: str, texts, config_file: str) -> str:
+    """A LLaVA checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or the toy 'builtin:tiny-llava'.
+
+    The toy model's tokenizer is trained on `texts` (the run's prompts), so its folder is keyed by them: a run with
+    other prompts never picks up a tokenizer that splits them differently. A missing checkpoint is one UserError
+    line that also points at `config_file`'s offline `:runlocal` default.
+    """
+    from vlm_jax.errors import UserError
+
+    if spec == BUILTIN_CHECKPOINT:
+        path = pathlib.Path(cache_root) / f"tiny-llava-{texts_key(texts)}"
+        if not (path / "config.json").exists():
+            write_random_checkpoint(path, texts, image_size=32, patch_size=8)
+        return str(path)
+    try:
+        return str(loader.resolve_checkpoint(spec))
+    except UserError as e:
+        raise UserError(f"{e} (or try the offline default: --config={config_file}:runlocal)") from None
+
+
 def texts_key(texts) -> str:
     """A short stable key of a toy checkpoint's tokenizer corpus (for cache folder names)."""
     import hashlib

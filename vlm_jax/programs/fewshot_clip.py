@@ -11,7 +11,6 @@ any result file, and reported as one `UserError` line.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -39,8 +38,11 @@ BUILTIN_CHECKPOINT = "builtin:tiny-clip"
 # ----------------------------------------------------------------------------------------------------------
 # Inputs.
 
-def resolve_checkpoint(spec: str, cache_root: str) -> str:
-    """A checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or the built-in tiny CLIP."""
+def resolve_checkpoint(spec: str, cache_root: str, config_file: str = "configs/dualadapter.py") -> str:
+    """A checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or the built-in tiny CLIP.
+
+    A missing checkpoint is one UserError line that points at `config_file`'s offline `:runlocal` default.
+    """
     if spec == BUILTIN_CHECKPOINT:
         # A random toy CLIP, written as a full HF checkpoint (weights, tokenizer, preprocessor) so the offline
         # run goes through exactly the loading path that real checkpoints take. The words of the built-in
@@ -59,7 +61,7 @@ def resolve_checkpoint(spec: str, cache_root: str) -> str:
     try:
         return str(loader.resolve_checkpoint(spec))
     except ValueError as e:
-        raise errors.UserError(f"{e} (or try the offline default: --config=configs/dualadapter.py:runlocal)") from None
+        raise errors.UserError(f"{e} (or try the offline default: --config={config_file}:runlocal)") from None
 
 
 def load_data(dc: ml_collections.ConfigDict) -> fewshot.FewShotDataset:

@@ -20,7 +20,6 @@ from absl import logging
 
 from vlm_jax import errors
 from vlm_jax.convert import llava as llava_convert
-from vlm_jax.convert import loader
 from vlm_jax.data import captions as captions_lib
 from vlm_jax.data import features as feats
 from vlm_jax.data import pairs, preprocess, tokenize
@@ -32,7 +31,6 @@ from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train import trainer
 from vlm_jax.train.metrics import MetricWriter
 
-BUILTIN_CHECKPOINT = "builtin:tiny-llava"
 TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "i2t_R@1": "I2T R@1", "i2t_R@5": "I2T R@5",
                  "sugarcrepe/replace": "SugarCrepe replace", "sugarcrepe/replace_obj": "SugarCrepe replace-obj",
                  "sugarcrepe/average": "SugarCrepe avg", "winoground/text": "Wino text",
@@ -56,21 +54,6 @@ def _builtin_pairs():
             seen.add(ex.label)
             test.append((ex, f"a photo of a {ex.classname}."))
     return ds, train, test
-
-
-def resolve_checkpoint(spec: str, cache_root: str, texts) -> str:
-    if spec == BUILTIN_CHECKPOINT:
-        # Its tokenizer is trained on `texts` (the run's prompts): the folder is keyed by them, so a run with
-        # other prompts never picks up a tokenizer that splits them differently.
-        path = os.path.join(cache_root, "tiny-llava-" + llava_convert.texts_key(texts))
-        if not os.path.exists(os.path.join(path, "config.json")):
-            llava_convert.write_random_checkpoint(path, texts, image_size=32, patch_size=8)
-        return path
-    try:
-        return str(loader.resolve_checkpoint(spec))
-    except errors.UserError as e:
-        raise errors.UserError(f"{e} (or try the offline default: --config=configs/discriminative.py:runlocal)") \
-            from None
 
 
 def load_pairs(dc):
@@ -196,7 +179,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
     texts = [mc.chat_template.replace("{}", mc.image_prompt), mc.chat_template.replace("{}", mc.text_prompt)]
     texts += [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
-    ckpt = resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts)
+    ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
+                                          "configs/discriminative.py")
+    clip_ckpt = None
+    if config.clip_checkpoint:
+        from vlm_jax.programs import fewshot_clip
+        clip_ckpt = fewshot_clip.resolve_checkpoint(config.clip_checkpoint, os.path.join(cache_root, "models"),
+                                                    "configs/discriminative.py")
 
     os.makedirs(workdir, exist_ok=True)
     report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
@@ -213,9 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  spec.tokens_per_image)
 
     rows: dict[str, dict[str, float]] = {}
-    if config.clip_checkpoint:
-        from vlm_jax.programs import fewshot_clip
-        clip_ckpt = fewshot_clip.resolve_checkpoint(config.clip_checkpoint, os.path.join(cache_root, "models"))
+    if clip_ckpt:
         rows["CLIP"] = eval_suite.evaluate(suite, *clip_embedders(clip_ckpt, mesh, dc.batch_size))
     # The E5-V baseline: the untrained LVLM with the handcrafted prompts.
     rows["LVLM + handcrafted prompts (E5-V style)"] = eval_suite.evaluate(

@@ -41,7 +41,6 @@ from absl import logging
 from vlm_jax import errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import llava as llava_convert
-from vlm_jax.convert import loader
 from vlm_jax.data import features as feats
 from vlm_jax.data import medmnist, preprocess, tokenize
 from vlm_jax.eval import report, retrieval
@@ -52,7 +51,6 @@ from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train import trainer
 from vlm_jax.train.metrics import MetricWriter
 
-BUILTIN_LLAVA = "builtin:tiny-llava"
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
 COLUMNS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "unmatched": "unmatched answers"}
 
@@ -86,20 +84,6 @@ def load_task(dc) -> Task:
         raise errors.UserError(f"{dc.name} is multi-label; this program ranks single labels (use another dataset)")
     return Task(ds.name, list(ds.classnames), medmnist.instruction(dc.name, include_labels=dc.full_instruction),
                 [medmnist.response([c]) for c in ds.classnames], list(ds.train), list(ds.test))
-
-
-def resolve_llava(spec: str, cache_root: str, texts) -> str:
-    if spec == BUILTIN_LLAVA:
-        # Its tokenizer is trained on `texts` (the run's prompts): the folder is keyed by them, so a run with
-        # other prompts never picks up a tokenizer that splits them differently.
-        path = os.path.join(cache_root, "tiny-llava-" + llava_convert.texts_key(texts))
-        if not os.path.exists(os.path.join(path, "config.json")):
-            llava_convert.write_random_checkpoint(path, texts, image_size=32, patch_size=8)
-        return path
-    try:
-        return str(loader.resolve_checkpoint(spec))
-    except (errors.UserError, ValueError) as e:
-        raise errors.UserError(f"{e} (or try the offline default: --config=configs/vitask.py:runlocal)") from None
 
 
 def _pixels(examples, idx, pp) -> np.ndarray:
@@ -303,6 +287,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     test_labels = np.array([e.label for e in test], np.int32)
     train_labels = np.array([e.label for e in task.train], np.int32)
 
+    # Everything a user can get wrong is checked before the workdir gets anything (or a TSM trains for nothing).
+    if mc.eval_mode not in ("likelihood", "generate", "both"):
+        raise errors.UserError(f"method.eval_mode must be 'likelihood', 'generate' or 'both', got {mc.eval_mode!r}")
+    from vlm_jax.programs import fewshot_clip
+    clip_dir = fewshot_clip.resolve_checkpoint(sc.checkpoint, os.path.join(cache_root, "models"), "configs/vitask.py")
+    texts = [dc.chat_template.replace("{}", task.instruction)] + task.responses + list(task.classnames)
+    ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
+                                          "configs/vitask.py")
+
     os.makedirs(workdir, exist_ok=True)
     report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
@@ -312,8 +305,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
 
     # ---- 1. TSM.
-    from vlm_jax.programs import fewshot_clip
-    clip_dir = fewshot_clip.resolve_checkpoint(sc.checkpoint, os.path.join(cache_root, "models"))
     clip_model, clip_params = clip_convert.from_pretrained(clip_dir, dtype=jnp.float32)
     tsm_model = tsm_lib.TSMClassifier(clip_model.vision, num_classes)
     tsm_params = tsm_lib.init_from_clip(tsm_model, clip_params, jax.random.fold_in(rng, 1))
@@ -352,8 +343,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("TSM: %s", rows["TSM"])
 
     # ---- 2. LVLM.
-    texts = [dc.chat_template.replace("{}", task.instruction)] + task.responses + list(task.classnames)
-    ckpt = resolve_llava(config.model.checkpoint, os.path.join(cache_root, "models"), texts)
     model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype))
     base = jax.device_put(base, repl)
     tok = tokenize.load_tokenizer(ckpt)
@@ -411,8 +400,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eb = max(1, int(dc.eval_batch_size))
     rk = lambda p, conn, ep: rank_labels(score, base, p["lora"], conn, seqs, test, test_feats, pp, eb, ep)
     dummy_conn = p2["connector"]
-    if mc.eval_mode not in ("likelihood", "generate", "both"):
-        raise errors.UserError(f"method.eval_mode must be 'likelihood', 'generate' or 'both', got {mc.eval_mode!r}")
     variants = [("vanilla (L_van)", van, dummy_conn, False), ("VITask w/o EP", p2, p2["connector"], False),
                 ("VITask w/ EP", p2, p2["connector"], True)]
     if mc.eval_mode in ("likelihood", "both"):
