@@ -9,9 +9,12 @@ The trainer knows no method by name. A method hands it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
+from vlm_jax import errors
 from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train.metrics import MetricWriter, Progress
 
@@ -129,32 +133,126 @@ class TrainState:
     opt_state: PyTree
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array):
-    """Returns jit(step)(state, frozen, batch) -> (state, metrics); the state's buffers are donated."""
+def _microbatches(batch: Mapping[str, jax.Array], k: int) -> Mapping[str, jax.Array]:
+    """[B, ...] leaves -> [k, B/k, ...]; microbatch i holds rows i, i + k, i + 2k, ...
+
+    Strided rather than contiguous on purpose: the batch is sharded over devices in contiguous blocks, so the
+    rows of one strided microbatch are spread over every device (a contiguous split would put microbatch i on
+    only 1/k of them and serialise the step).
+    """
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"gradient accumulation over {k} microbatches needs a batch size divisible by {k}, "
+                             f"got a leaf of shape {x.shape}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, rng: jax.Array, *, accum_steps: int = 1,
+                    state_shardings: PyTree | None = None):
+    """Returns jit(step)(state, frozen, batch) -> (state, metrics); the state's buffers are donated.
+
+    Args:
+      loss_fn: (full params, batch, rng) -> (scalar loss, metrics).
+      tx: the optimizer over the trainable tree.
+      rng: the run's key; step t uses fold_in(rng, t), so a resumed run draws the same randomness.
+      accum_steps: k > 1 splits the batch into k microbatches (`_microbatches`), runs forward + backward on each
+        in a `lax.scan` (activation memory of one microbatch) and applies the mean gradient once. For a loss
+        that is a mean over examples this equals the full-batch step; a batch-coupled loss (InfoNCE, whose
+        negatives are the rest of the batch) becomes the mean of per-microbatch losses instead.
+      state_shardings: a TrainState of shardings; pins the new state's layout (FSDP-sharded parameters stay
+        sharded after the update instead of whatever layout the partitioner would pick).
+    """
+
+    def grads_of(params, frozen, batch, step_rng):
+        def loss_of(trainable):
+            return loss_fn(merge(trainable, frozen), batch, step_rng)
+        return jax.value_and_grad(loss_of, has_aux=True)(params)
 
     def step(state: TrainState, frozen: PyTree, batch: Mapping[str, jax.Array]):
         step_rng = jax.random.fold_in(rng, state.step)
+        if accum_steps == 1:
+            (loss, metrics), grads = grads_of(state.params, frozen, batch, step_rng)
+        else:
+            def body(grad_sum, xs):
+                i, micro = xs
+                (loss, metrics), grads = grads_of(state.params, frozen, micro, jax.random.fold_in(step_rng, i))
+                return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
-        def loss_of(trainable):
-            return loss_fn(merge(trainable, frozen), batch, step_rng)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grad_sum, (losses, metrics) = jax.lax.scan(
+                body, zeros, (jnp.arange(accum_steps), _microbatches(batch, accum_steps)))
+            grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+            loss, metrics = jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    metrics_sharding = jax.tree.leaves(state_shardings.step)[0]   # replicated
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, metrics_sharding))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Placement.
+
+def placed_shardings(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+    """Each leaf's sharding: kept where the leaf is already a jax.Array laid out on `mesh` (e.g. FSDP-sharded
+    by `mesh.shard_params`), replicated otherwise (host arrays, arrays on another mesh or a single device)."""
+    repl = mesh_lib.replicated(mesh)
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
+            return s
+        return repl
+    return jax.tree.map(one, tree)
+
+
+def state_shardings(tx: optax.GradientTransformation, trainable_shardings: PyTree, abstract_params: PyTree,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+    """The TrainState's shardings: optimizer moments follow their parameter, scalars (counts) are replicated."""
+    repl = mesh_lib.replicated(mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_shardings,
+                                           transform_non_params=lambda _: repl)
+    return TrainState(step=repl, params=trainable_shardings, opt_state=opt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Faults.
+
+class TrainingDiverged(errors.UserError):
+    """A non-finite loss or metric: the run stops, the last good checkpoint stays on disk."""
+
+
+class Preempted(Exception):
+    """SIGTERM (or a multi-host preemption notice) arrived: the state was saved; rerun the command to resume."""
+
+    def __init__(self, step: int, directory: str | None):
+        self.step, self.directory = step, directory
+        where = f"checkpoint saved at step {step} in {directory}" if directory else "no workdir, nothing saved"
+        super().__init__(f"preempted: {where}; rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def _sigterm_flag(enabled: bool):
+    """Yields an Event set by SIGTERM while the block runs (the previous handler is restored after)."""
+    flag = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag   # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The epoch loop.
-
-def _best(params: PyTree, metric: float, epoch: int) -> dict[str, Any]:
-    # 0-d arrays, not numpy scalars: orbax checkpoints arrays only.
-    return {"params": jax.device_get(params), "metric": np.array(metric, np.float32),
-            "epoch": np.array(epoch, np.int32)}
-
 
 @dataclasses.dataclass
 class FitResult:
@@ -182,77 +280,164 @@ def fit(
     writer: MetricWriter | None = None,
     name: str = "train",
     log_every_s: float = 10.0,
+    checkpoint_every_steps: int = 0,
+    accum_steps: int = 1,
+    max_to_keep: int = 2,
+    handle_sigterm: bool = True,
 ) -> FitResult:
     """Trains for `num_epochs`, evaluating after each epoch and keeping the best epoch's parameters.
 
     Args:
       loss_fn: (full params, batch, rng) -> (scalar loss, metrics).
-      params: the full parameter tree; `param_groups` picks the trainable part.
-      epoch_batches: epoch index -> iterable of host batches (numpy, global batch on one process). Making the
-        epoch's data a pure function of its index is what lets a resumed run see the same data.
+      params: the full parameter tree; `param_groups` picks the trainable part. Leaves already laid out on
+        `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do their optimizer
+        moments; everything else is replicated.
+      epoch_batches: epoch index -> iterable of exactly `steps_per_epoch` host batches (numpy, the global batch;
+        see `mesh.shard_batch`). Making the epoch's data a pure function of its index is what lets a resumed run
+        see the same data: the iterator's position is (epoch, batch index), derived from the step and stored in
+        the checkpoint, and a mid-epoch resume skips the epoch's first batches.
       eval_fn: trainable params -> metrics; `select` names the one to maximise (best epoch, as the
         DualAdapter / Tip-Adapter-F references do on the val split).
-      workdir: if set, an orbax checkpoint is written after each epoch to workdir/checkpoints/<name> and a run
-        restarted with the same workdir resumes from it.
+      workdir: if set, orbax checkpoints (async; a save becomes visible only once complete, so a crash during a
+        save leaves the previous one) go to workdir/checkpoints/<name> after each epoch, every
+        `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM, after which `Preempted` is raised.
+        A run restarted with the same workdir resumes from the latest one.
+      accum_steps: gradient accumulation (see `make_train_step`).
+
+    Raises:
+      TrainingDiverged: a non-finite loss (checked every step) or epoch metric; nothing of the bad step is saved.
+      Preempted: after SIGTERM (single process) or a jax.distributed preemption notice (all hosts agree on the
+        step), once the checkpoint is written.
     """
     labels = param_labels(params, param_groups)
     trainable, frozen = partition(params, labels)
     total_steps = num_epochs * steps_per_epoch
     tx = make_optimizer(optim, labels, total_steps)
-    repl = mesh_lib.replicated(mesh)
-    trainable = jax.device_put(trainable, repl)
-    frozen = jax.device_put(frozen, repl)
+    trainable = jax.device_put(trainable, placed_shardings(trainable, mesh))
+    frozen = jax.device_put(frozen, placed_shardings(frozen, mesh))
+    shardings = state_shardings(tx, placed_shardings(trainable, mesh), trainable, mesh)
     state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                    out_shardings=repl)(trainable)
-    best = _best(state.params, -np.inf, -1)
-    start_epoch, history = 0, []
+                    out_shardings=shardings)(trainable)
+    best = {"params": None, "metric": -np.inf, "epoch": -1}
+    history: list[dict[str, float]] = []
+    sums: dict[str, float] = {}
+    step = 0
 
     manager = None
     if workdir is not None:
         manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, "checkpoints", name)),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
         if manager.latest_step() is not None:
-            restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
-                {"state": state, "best": best}))
-            state = jax.device_put(restored["state"], repl)
-            best = restored["best"]
-            start_epoch = int(state.step) // steps_per_epoch
-            logging.info("%s: resumed from %s at epoch %d", name, manager.directory, start_epoch)
+            state, best, history, sums = _restore(manager, state, best, eval_fn is not None, steps_per_epoch, name)
+            step = int(state.step)
+            logging.info("%s: resumed from %s at step %d (epoch %d, batch %d)", name, manager.directory, step,
+                         *divmod(step, steps_per_epoch))
 
-    train_step = make_train_step(loss_fn, tx, rng)
-    progress = Progress(total_steps, what=name, every_s=log_every_s, start=start_epoch * steps_per_epoch)
-    for epoch in range(start_epoch, num_epochs):
-        sums, n = {}, 0
-        for batch in epoch_batches(epoch):
-            state, metrics = train_step(state, frozen, mesh_lib.shard_batch(batch, mesh))
-            metrics = jax.device_get(metrics)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-            progress.update(int(state.step), {"loss": metrics["loss"]})
-        if not n:
-            raise ValueError(f"{name}: epoch {epoch} produced no batch")
-        row = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items()}}
-        if eval_fn is not None:
-            row.update({f"val_{k}": float(v) for k, v in eval_fn(state.params).items()})
-            metric = row[f"val_{select}"]
-            if metric > best["metric"]:   # strict: ties keep the earlier epoch, as the references do
-                best = _best(state.params, metric, epoch)
-        else:
-            best = _best(state.params, 0.0, epoch)
-        history.append(row)
-        if writer is not None:
-            writer.write(int(state.step), {k: v for k, v in row.items() if k != "epoch"}, prefix=f"{name}/")
-        if not all(np.isfinite(v) for v in row.values()):
-            raise FloatingPointError(f"{name}: non-finite metrics at epoch {epoch}: {row}; the last good "
-                                     "checkpoint is kept")
+    def save(epoch_sums):
+        if manager is None:
+            return
+        epoch, batch = divmod(step, steps_per_epoch)
+        meta = {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch, "sums": epoch_sums,
+                "history": history, "best_metric": float(best["metric"]), "best_epoch": best["epoch"]}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if best["params"] is not None:
+            items["best"] = ocp.args.StandardSave(best["params"])
+        manager.save(step, args=ocp.args.Composite(**items))
+
+    def stop(exc: Exception):
         if manager is not None:
-            manager.save(int(state.step), args=ocp.args.StandardSave({"state": state, "best": best}))
+            manager.wait_until_finished()   # pending saves are of good states: let them land
+            manager.close()
+        raise exc
+
+    train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
+    progress = Progress(total_steps, what=name, every_s=log_every_s, start=step)
+    multihost = jax.process_count() > 1
+    with _sigterm_flag(handle_sigterm and workdir is not None and not multihost) as sigterm:
+        start_epoch, skip = divmod(step, steps_per_epoch)
+        for epoch in range(start_epoch, num_epochs):
+            n = skip
+            for b, batch in enumerate(epoch_batches(epoch)):
+                if b < skip:
+                    continue   # a mid-epoch resume: these batches are in the restored state already
+                state, metrics = train_step(state, frozen, mesh_lib.shard_batch(batch, mesh))
+                metrics = jax.device_get(metrics)
+                step, n = step + 1, n + 1
+                if not np.isfinite(metrics["loss"]):
+                    stop(TrainingDiverged(_diverged_message(name, "loss", metrics["loss"], step, epoch, manager)))
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                progress.update(step, {"loss": metrics["loss"]})
+                end_of_epoch = n == steps_per_epoch
+                if (sigterm.is_set() or (multihost and manager is not None and manager.reached_preemption(step))) \
+                        and not end_of_epoch:
+                    save(sums)
+                    stop(Preempted(step, manager.directory if manager else None))
+                if checkpoint_every_steps and step % checkpoint_every_steps == 0 and not end_of_epoch:
+                    save(sums)
+            if n != steps_per_epoch:
+                raise ValueError(f"{name}: epoch {epoch} produced {n} batches, expected steps_per_epoch="
+                                 f"{steps_per_epoch}")
+            skip = 0
+            row = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items()}}
+            sums = {}
+            if eval_fn is not None:
+                row.update({f"val_{k}": float(v) for k, v in eval_fn(state.params).items()})
+                metric = row[f"val_{select}"]
+                if metric > best["metric"]:   # strict: ties keep the earlier epoch, as the references do
+                    best = {"params": jax.tree.map(jnp.copy, state.params), "metric": metric, "epoch": epoch}
+            bad = {k: v for k, v in row.items() if not np.isfinite(v)}
+            if bad:
+                stop(TrainingDiverged(_diverged_message(name, "epoch metrics", bad, step, epoch, manager)))
+            history.append(row)
+            if writer is not None:
+                writer.write(step, {k: v for k, v in row.items() if k != "epoch"}, prefix=f"{name}/")
+            save({})
+            if sigterm.is_set() or (multihost and manager is not None and manager.reached_preemption(step)):
+                if epoch + 1 < num_epochs:
+                    stop(Preempted(step, manager.directory if manager else None))
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
-    progress.update(int(state.step), force=True)
+    progress.update(step, force=True)
+    if eval_fn is None:
+        best = {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
     best_metrics = next((r for r in history if r["epoch"] == int(best["epoch"])), {})
     return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
                      best_metrics=best_metrics, history=history)
+
+
+def _restore(manager, state, best, with_best: bool, steps_per_epoch: int, name: str):
+    """Restores (state, best, history, epoch sums) from the latest checkpoint, onto `state`'s shardings."""
+    latest = manager.latest_step()
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["steps_per_epoch"] != steps_per_epoch:
+        raise errors.UserError(
+            f"{name}: the checkpoint in {manager.directory} was written with {meta['steps_per_epoch']} steps per "
+            f"epoch, this run has {steps_per_epoch} (a different dataset or batch size): use a new --workdir")
+    items = {"state": ocp.args.StandardRestore(abstract(state))}
+    if with_best and meta["best_epoch"] >= 0:
+        items["best"] = ocp.args.StandardRestore(abstract(state.params))
+    restored = manager.restore(latest, args=ocp.args.Composite(**items))
+    state = restored["state"]
+    if int(state.step) != meta["epoch"] * steps_per_epoch + meta["batch"]:
+        raise errors.UserError(f"{name}: checkpoint {latest} in {manager.directory} is inconsistent (step "
+                               f"{int(state.step)} vs position {meta['epoch']}/{meta['batch']}); delete it or use a "
+                               "new --workdir")
+    if "best" in items:
+        best = {"params": restored["best"], "metric": meta["best_metric"], "epoch": meta["best_epoch"]}
+    return state, best, meta["history"], dict(meta["sums"])
+
+
+def _diverged_message(name, what, value, step, epoch, manager) -> str:
+    if manager is not None:
+        manager.wait_until_finished()
+        last = manager.latest_step()
+        kept = (f"the last good checkpoint (step {last}) in {manager.directory} is kept and a rerun resumes from it"
+                if last is not None else f"no checkpoint was written yet in {manager.directory}")
+    else:
+        kept = "no workdir, so no checkpoint"
+    return (f"{name}: non-finite {what} ({value}) at step {step}, epoch {epoch}; training stopped, {kept}. "
+            "Lower the learning rate, set optim.grad_clip_norm, or check the data.")
