@@ -121,3 +121,48 @@ def test_make_mesh_errors():
         mesh_lib.make_mesh({"model": 2})
     with pytest.raises(ValueError, match="needs 4 devices"):
         mesh_lib.make_mesh({"data": 4})
+
+
+def test_bf16_compute_with_float32_master_weights():
+    """A bf16 LLaVA (compute and frozen storage) trains float32 LoRA / prompts; its loss tracks float32's."""
+    transformers = pytest.importorskip("transformers")
+    from vlm_jax.methods import discriminative as disc
+    from vlm_jax.models import llava as llava_lib
+    from vlm_jax.models import peft
+
+    config = transformers.LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+        image_token_id=120)
+    f32 = llava_lib.Llava.from_hf_config(config)
+    import flax.linen as nn
+    base = nn.meta.unbox(jax.jit(f32.init)(jax.random.key(0), *f32.init_inputs())["params"])
+    rng = np.random.default_rng(0)
+    t, b = f32.cfg.tokens_per_image, 4
+    image = np.array([[1] + [120] * t + [30, 31]] * b, np.int32)
+    text = rng.integers(40, 100, size=(b, 6)).astype(np.int32)
+    batch = dict(image_ids=image, image_mask=np.ones_like(image), text_ids=text, text_mask=np.ones_like(text),
+                 pixel_values=rng.normal(size=(b, 16, 16, 3)).astype(np.float32), has_short=np.ones(b, bool),
+                 image_prompt_start=np.full(b, 1 + t, np.int32))
+
+    def run(dtype):
+        model = llava_lib.Llava.from_hf_config(config, dtype=dtype, param_dtype=dtype)
+        frozen = jax.tree.map(lambda x: x.astype(dtype), base)            # frozen base stored in `dtype`
+        params = {"base": frozen, "lora": peft.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS,
+                                                         rank=2),
+                  "image_prompt": peft.soft_prompt_init(frozen["language_model"]["model"]["embed_tokens"][
+                      "embedding"], [30, 31], dtype=dtype)}               # bf16 in: the trainer upcasts it
+        loss_fn = disc.make_loss_fn(model, lora_alpha=4, lora_rank=2, ntp_weight=0.0)
+        return trainer.fit(loss_fn=loss_fn, params=params, param_groups=[("lora/.*", 1.0), ("image_prompt", 1.0)],
+                           optim={"name": "adam", "lr": 1e-2}, num_epochs=1, steps_per_epoch=3,
+                           epoch_batches=lambda e: [batch] * 3, mesh=mesh_lib.make_mesh(), rng=jax.random.key(0))
+
+    full, mixed = run(jnp.float32), run(jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(mixed.state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(mixed.state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(mixed.history[0]["train_loss"], full.history[0]["train_loss"], rtol=3e-2)
+    assert mixed.history[0]["train_loss"] != full.history[0]["train_loss"]       # it really ran in bf16
+    start = np.asarray(base["language_model"]["model"]["embed_tokens"]["embedding"][np.array([30, 31])])
+    assert np.abs(np.asarray(mixed.state.params["image_prompt"]) - start).max() > 1e-3   # the prompt trained

@@ -289,7 +289,8 @@ def fit(
 
     Args:
       loss_fn: (full params, batch, rng) -> (scalar loss, metrics).
-      params: the full parameter tree; `param_groups` picks the trainable part. Leaves already laid out on
+      params: the full parameter tree; `param_groups` picks the trainable part, which is trained in float32
+        (master weights; bf16 / fp16 leaves are upcast) while frozen leaves keep their dtype. Leaves already laid out on
         `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do their optimizer
         moments; everything else is replicated.
       epoch_batches: epoch index -> iterable of exactly `steps_per_epoch` host batches (numpy, the global batch;
@@ -311,6 +312,10 @@ def fit(
     """
     labels = param_labels(params, param_groups)
     trainable, frozen = partition(params, labels)
+    # float32 master weights whatever the storage dtype of the model: bf16 weights would round small updates
+    # away. The model's compute dtype (its `dtype`) is untouched, so a bf16 model computes in bf16 and its
+    # frozen weights may stay bf16 (half the memory); the gradients arrive in float32 through the casts.
+    trainable = jax.tree.map(_master, trainable)
     total_steps = num_epochs * steps_per_epoch
     tx = make_optimizer(optim, labels, total_steps)
     trainable = jax.device_put(trainable, placed_shardings(trainable, mesh))
@@ -406,6 +411,13 @@ def fit(
     best_metrics = next((r for r in history if r["epoch"] == int(best["epoch"])), {})
     return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
                      best_metrics=best_metrics, history=history)
+
+
+def _master(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4:
+        return x.astype(jnp.float32)
+    return x
 
 
 def _restore(manager, state, best, with_best: bool, steps_per_epoch: int, name: str):
