@@ -315,3 +315,33 @@ def test_training_steps_reduce_loss(llava):
     np.testing.assert_allclose(losses[0], loss_plain, rtol=1e-5)
     assert losses[-1] < 0.9 * losses[0], losses
     assert float(state.params["log_temperature"]) != float(np.log(0.05))   # the learnable temperature moved
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_microbatched_loss_and_gradients_equal_the_full_batch(llava, k):
+    """GradCache-style microbatches: exact InfoNCE over the whole batch, not a mean of smaller ones."""
+    _, model, base = llava
+    table = base["language_model"]["model"]["embed_tokens"]["embedding"]
+    params = {"lora": peft.lora_init(base, jax.random.key(0), targets=disc.LORA_TARGETS, rank=4),
+              "image_prompt": peft.soft_prompt_init(table, IMG_PROMPT),
+              "text_prompt": peft.soft_prompt_init(table, TXT_PROMPT)}
+    # Non-zero LoRA b, so the adapters matter for the gradients compared below.
+    params["lora"] = jax.tree.map(lambda x: x + 0.01, params["lora"])
+    batch = _train_batch(model.cfg.tokens_per_image, np.random.default_rng(3))
+    outs = []
+    for m in (1, k):
+        loss_fn = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, microbatches=m)
+        f = jax.jit(jax.value_and_grad(lambda p: loss_fn({"base": base, **p}, batch, None), has_aux=True))
+        outs.append(f(params))
+    ((l1, m1), g1), ((lk, mk), gk) = outs
+    np.testing.assert_allclose(lk, l1, rtol=1e-5)
+    np.testing.assert_allclose(mk["ntp"], m1["ntp"], rtol=1e-5)
+    assert int(mk["ntp_tokens"]) == int(m1["ntp_tokens"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), gk, g1)
+    # ... and differs from averaging k per-microbatch contrastive losses (what plain accumulation computes).
+    small = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, ntp_weight=0.0)
+    full_c = float(disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, ntp_weight=0.0)(
+        {"base": base, **params}, batch, None)[0])
+    parts = [float(small({"base": base, **params}, jax.tree.map(lambda x: x[i::k], batch), None)[0])
+             for i in range(k)]
+    assert abs(np.mean(parts) - full_c) > 1e-3

@@ -207,19 +207,26 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
     Returns:
       (loss f32[] = sum of the targets' -log p / number of targets (0 when there is none), n_tokens i32[]).
     """
+    total, n = next_token_sums(logits, input_ids, loss_mask)
+    return total / jnp.maximum(n, 1).astype(jnp.float32), n
+
+
+def next_token_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of the targets' -log p f32[], number of targets i32[]): `next_token_loss` before the division, so
+    that microbatches can be summed into the full batch's loss."""
     lg = logits[:, :-1].astype(jnp.float32)
     targets = input_ids[:, 1:]
     mask = loss_mask[:, 1:] > 0
     logp = jax.nn.log_softmax(lg, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    n = mask.sum()
-    return jnp.where(mask, nll, 0.0).sum() / jnp.maximum(n, 1).astype(jnp.float32), n
+    return jnp.where(mask, nll, 0.0).sum(), mask.sum()
 
 
 def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array | None,
                long_ids: jax.Array | None, long_loss_mask: jax.Array | None, has_short: jax.Array,
                has_long: jax.Array | None, *, temperature: float | jax.Array = DEFAULT_TEMPERATURE,
-               ntp_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+               ntp_weight: float = 1.0, ntp_sums: tuple[jax.Array, jax.Array] | None = None,
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """VladVA's objective: InfoNCE(short captions) + ntp_weight * next-token loss(long captions).
 
     Args:
@@ -231,6 +238,8 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
       has_long: bool[B], the sample has a long caption (>= 30 tokens): its tokens enter the NTP loss.
       temperature: InfoNCE temperature (float or f32[]).
       ntp_weight: weight of the NTP term.
+      ntp_sums: instead of long_logits, the NTP term's (sum, count) already computed (`next_token_sums` of
+        has_long-masked targets, summed over microbatches).
 
     Returns:
       (loss f32[], metrics {'contrastive', 'ntp', 'ntp_tokens', 'i2t_acc', 't2i_acc', 'temperature', 'n_pairs'}).
@@ -240,10 +249,32 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
     loss = contrastive
     if long_logits is not None:
         mask = jnp.asarray(long_loss_mask) * jnp.asarray(has_long, long_loss_mask.dtype)[:, None]
-        ntp, n = next_token_loss(long_logits, long_ids, mask)
+        ntp_sums = next_token_sums(long_logits, long_ids, mask)
+    if ntp_sums is not None:
+        total, n = ntp_sums
+        ntp = total / jnp.maximum(n, 1).astype(jnp.float32)
         loss = loss + ntp_weight * ntp
         metrics.update(ntp=ntp, ntp_tokens=n)
     return loss, metrics
+
+
+def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
+    """fn(xs) for a function of independent rows, computed over k microbatches one at a time.
+
+    Each microbatch runs under `jax.checkpoint` inside `lax.map`, so the backward pass keeps only the
+    microbatch inputs and fn's outputs and recomputes one microbatch's activations at a time: GradCache's
+    memory profile (one extra forward), with gradients that are exactly the full batch's, because whatever is
+    computed from the outputs (InfoNCE over the whole batch) sees every row at once. Microbatch i holds rows
+    i, i + k, ... so it stays spread over the devices of a batch-sharded mesh.
+    """
+    if k == 1:
+        return fn(xs)
+    b = next(iter(xs.values())).shape[0]
+    if b % k:
+        raise ValueError(f"method.microbatches={k} must divide the batch size {b}")
+    split = lambda x: jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
+    out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, dict(xs)))
+    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(b, *y.shape[2:]) if y.ndim > 1 else y, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +282,8 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
 
 def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float = DEFAULT_TEMPERATURE,
                  ntp_weight: float = 1.0, min_temperature: float = MIN_TEMPERATURE,
-                 max_temperature: float = MAX_TEMPERATURE) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+                 max_temperature: float = MAX_TEMPERATURE, microbatches: int = 1,
+                 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """Builds `loss_fn(params, batch, rng) -> (loss, metrics)` for `vlm_jax.train.trainer`.
 
     Params tree:
@@ -276,6 +308,10 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
         missing captions are False).
 
     The rng is unused (no dropout: LoRA is merged, see `vlm_jax.models.peft`).
+
+    microbatches: k > 1 runs the LVLM passes over k microbatches with rematerialisation (`_rowwise`): activation
+    memory of B / k samples, the exact full-batch loss and gradients (all B - 1 negatives), one extra forward.
+    The trainer's generic `accum_steps` would instead average k smaller contrastive losses.
     """
 
     def loss_fn(params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array):
@@ -288,20 +324,29 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
             t = temperature_from_log(params["log_temperature"], min_temperature, max_temperature)
         else:
             t = temperature
-        img = image_embedding(model, weights, batch["image_ids"], batch["image_mask"], batch["pixel_values"],
-                              prompt=image_prompt, prompt_start=batch.get("image_prompt_start"))
-        txt = text_embedding(model, weights, batch["text_ids"], batch["text_mask"], prompt=text_prompt,
-                             prompt_start=batch.get("text_prompt_start"))
-        long_logits = None
+        pick = lambda *keys: {k: batch[k] for k in keys if k in batch}
+        img = _rowwise(lambda x: image_embedding(
+            model, weights, x["image_ids"], x["image_mask"], x["pixel_values"], prompt=image_prompt,
+            prompt_start=x.get("image_prompt_start")), microbatches,
+            pick("image_ids", "image_mask", "pixel_values", "image_prompt_start"))
+        txt = _rowwise(lambda x: text_embedding(
+            model, weights, x["text_ids"], x["text_mask"], prompt=text_prompt, prompt_start=x.get("text_prompt_start")),
+            microbatches, pick("text_ids", "text_mask", "text_prompt_start"))
+        ntp_sums = None
         if ntp_weight:
-            embeds = model.apply({"params": weights}, batch["long_ids"], batch["pixel_values"],
-                                 method="embed_multimodal")
-            if image_prompt is not None and "long_prompt_start" in batch:
-                embeds = peft.replace_span(embeds, batch["long_prompt_start"], image_prompt)
-            hidden, _ = model.apply({"params": weights}, None, batch["long_mask"], inputs_embeds=embeds,
-                                    method="hidden_states")
-            long_logits = model.apply({"params": weights}, hidden, method="logits")
-        return total_loss(img, txt, long_logits, batch.get("long_ids"), batch.get("long_loss_mask"),
-                          batch["has_short"], batch.get("has_long"), temperature=t, ntp_weight=ntp_weight)
+            def ntp(x):
+                embeds = model.apply({"params": weights}, x["long_ids"], x["pixel_values"], method="embed_multimodal")
+                if image_prompt is not None and "long_prompt_start" in x:
+                    embeds = peft.replace_span(embeds, x["long_prompt_start"], image_prompt)
+                hidden, _ = model.apply({"params": weights}, None, x["long_mask"], inputs_embeds=embeds,
+                                        method="hidden_states")
+                logits = model.apply({"params": weights}, hidden, method="logits")
+                mask = x["long_loss_mask"] * x["has_long"].astype(x["long_loss_mask"].dtype)[:, None]
+                return next_token_sums(logits, x["long_ids"], mask)
+            sums = _rowwise(ntp, microbatches, pick("long_ids", "long_mask", "long_loss_mask", "pixel_values",
+                                                    "long_prompt_start") | {"has_long": batch["has_long"]})
+            ntp_sums = jax.tree.map(jnp.sum, sums) if microbatches > 1 else sums
+        return total_loss(img, txt, None, None, None, batch["has_short"], None, temperature=t,
+                          ntp_weight=ntp_weight, ntp_sums=ntp_sums)
 
     return loss_fn
