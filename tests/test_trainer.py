@@ -166,3 +166,15 @@ def test_bf16_compute_with_float32_master_weights():
     assert mixed.history[0]["train_loss"] != full.history[0]["train_loss"]       # it really ran in bf16
     start = np.asarray(base["language_model"]["model"]["embed_tokens"]["embedding"][np.array([30, 31])])
     assert np.abs(np.asarray(mixed.state.params["image_prompt"]) - start).max() > 1e-3   # the prompt trained
+
+
+def test_state_shardings_with_several_lr_groups():
+    """multi_transform (one group per lr multiplier) leaves MaskedNodes in the optimizer state."""
+    params = {"a": jnp.ones((4,)), "b": jnp.ones((3,))}
+    labels = trainer.param_labels(params, [("a", 5.0), ("b", 1.0)])
+    tx = trainer.make_optimizer({"name": "adamw", "lr": 1e-3}, labels, 10)
+    mesh = mesh_lib.make_mesh()
+    sh = trainer.state_shardings(tx, trainer.placed_shardings(params, mesh), params, mesh)
+    state = jax.jit(lambda p: trainer.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                    out_shardings=sh)(params)
+    assert len(jax.tree.leaves(state.opt_state)) == len(jax.tree.leaves(tx.init(params)))

@@ -216,8 +216,10 @@ def state_shardings(tx: optax.GradientTransformation, trainable_shardings: PyTre
     """The TrainState's shardings: optimizer moments follow their parameter, scalars (counts) are replicated."""
     repl = mesh_lib.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_shardings,
-                                           transform_non_params=lambda _: repl)
+    # multi_transform's inner states hold a MaskedNode where another group's parameter is: keep those as they are.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt = optax.tree_utils.tree_map_params(tx, lambda v, s: v if masked(v) else s, abstract_opt, trainable_shardings,
+                                           transform_non_params=lambda _: repl, is_leaf=masked)
     return TrainState(step=repl, params=trainable_shardings, opt_state=opt)
 
 
@@ -290,12 +292,13 @@ def fit(
     Args:
       loss_fn: (full params, batch, rng) -> (scalar loss, metrics).
       params: the full parameter tree; `param_groups` picks the trainable part, which is trained in float32
-        (master weights; bf16 / fp16 leaves are upcast) while frozen leaves keep their dtype. Leaves already laid out on
-        `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do their optimizer
-        moments; everything else is replicated.
-      epoch_batches: epoch index -> iterable of exactly `steps_per_epoch` host batches (numpy, the global batch;
-        see `mesh.shard_batch`). Making the epoch's data a pure function of its index is what lets a resumed run
-        see the same data: the iterator's position is (epoch, batch index), derived from the step and stored in
+        (master weights; bf16 / fp16 leaves are upcast) while frozen leaves keep their dtype. Leaves already
+        laid out on `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do
+        their optimizer moments; everything else is replicated.
+      epoch_batches: epoch index -> iterable of exactly `steps_per_epoch` host batches (numpy, the global batch,
+        the same on every process; `mesh.shard_batch` gives each process's devices their slices). Making the
+        epoch's data a pure function of its index is what lets a resumed run see the same data: the iterator's
+        position is (epoch, batch index), derived from the step and stored in
         the checkpoint, and a mid-epoch resume skips the epoch's first batches.
       eval_fn: trainable params -> metrics; `select` names the one to maximise (best epoch, as the
         DualAdapter / Tip-Adapter-F references do on the val split).
