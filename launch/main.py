@@ -3,6 +3,13 @@
 Dotted overrides work for every key: `--config.model.checkpoint=/ckpt/clip --config.data.root=/data/coop`.
 The config's `program` names the module in `vlm_jax.programs` that runs it. Errors that a user can fix (a
 missing checkpoint, data root, split file, an unknown config key) end the run with one line and exit code 2.
+SIGTERM during training saves a checkpoint and exits with 143; the same command resumes.
+
+Multi-host: the same command runs on every host (launch/tpu_pod.sh, launch/slurm.sbatch), and
+`jax.distributed.initialize()` runs first when the environment shows a multi-process job (`--distributed=auto`:
+SLURM with several tasks, Open MPI, a TPU pod slice, JAX_COORDINATOR_ADDRESS). For a plain or custom cluster,
+e.g. two processes on one machine:
+  python launch/main.py ... --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
 """
 
 import importlib
@@ -18,6 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics, checkpoints, results.")
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize() first: auto = when the environment shows a multi-process job (SLURM_NTASKS>1, "
+    "Open MPI, a TPU pod slice, JAX_COORDINATOR_ADDRESS) or the flags below are given; on = always (JAX "
+    "auto-detects the cluster); off = never (one process).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (same on every process); default: detected.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes; default: detected.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes); default: detected.",
+                                   lower_bound=0)
 
 
 def _one_line(e: BaseException) -> str:
@@ -52,7 +69,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    from vlm_jax import errors  # after flag parsing: keeps --help fast
+    from vlm_jax.train import distributed  # after flag parsing: keeps --help fast
+
+    # Before anything touches a JAX backend (loading the config does not).
+    try:
+        multiprocess = distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    except ValueError as e:  # contradicting flags, or jax's own check of the detected/given values
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    if multiprocess:
+        import jax
+        if jax.process_index() == 0:
+            logging.info("multi-host: %s", distributed.describe())
+    from vlm_jax import errors
 
     try:
         config = _CONFIG.value
@@ -61,12 +91,19 @@ def main(argv):
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     program = importlib.import_module(f"vlm_jax.programs.{config.program}")
+    from vlm_jax.train import trainer
     try:
         program.run(config, os.path.abspath(os.path.expanduser(_WORKDIR.value)))
     except errors.UserError as e:
         logging.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except trainer.Preempted as e:
+        # SIGTERM (a scheduler's preemption notice): the state is saved. 143 = 128 + SIGTERM, the status a
+        # killed job has, so schedulers that requeue preempted jobs (SLURM --requeue, k8s) treat it as one.
+        logging.flush()
+        print(str(e), file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -43,20 +43,31 @@ def cached(cache_dir: str | None, key: Mapping[str, Any], compute: Callable[[], 
 
     The file is written to a temporary name and renamed, so an interrupted run never leaves a truncated
     cache entry behind. A `.json` sidecar with the key makes the cache directory readable by a person.
+
+    With several processes `compute` is collective (every process must run it), so the processes agree on
+    a hit first: the cache is used only if every process can read it (a cache directory on a shared file
+    system); otherwise all recompute. Only process 0 writes.
     """
     if not cache_dir:
         return compute()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{key.get('kind', 'features')}-{digest}.npz")
+    out = None
     if os.path.exists(path):
         try:
             with np.load(path) as f:
-                logging.info("features: cache hit %s", path)
-                return {k: f[k] for k in f.files}
+                out = {k: f[k] for k in f.files}
         except (OSError, ValueError) as e:  # a corrupt entry is recomputed, not trusted
             logging.warning("features: ignoring unreadable cache entry %s (%s)", path, e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if not np.all(multihost_utils.process_allgather(np.array(out is not None))):
+            out = None
+    if out is not None:
+        logging.info("features: cache hit %s", path)
+        return out
     out = compute()
-    if jax.process_index() == 0:
+    if mesh_lib.is_primary():
         os.makedirs(cache_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npz")
         try:
@@ -91,27 +102,36 @@ def map_batches(
       batch_size: global batch size; rounded up to a multiple of the mesh's data axes. The last batch is
         padded (by repeating its first item) so that `fn` is compiled for one shape only.
 
+    With several processes each process loads only the items its devices hold (`mesh.addressable_rows`) and
+    every process gets the whole result: outputs sharded across processes are gathered (`mesh.to_host`).
+
     Returns:
-      np.float32[len(items), D].
+      np.float32[len(items), D], the same on every process.
     """
     div = mesh_lib.batch_divisor(mesh)
     batch_size = max(div, -(-batch_size // div) * div)
+    rows = mesh_lib.addressable_rows(mesh, batch_size)  # all rows with one process
     outs = []
     progress = Progress(len(items), what=desc, every_s=15.0)
     pending = None
     for start in range(0, len(items), batch_size):
         chunk = list(items[start:start + batch_size])
         n = len(chunk)
-        arrays = list(_POOL.map(load, chunk))
-        arrays += [arrays[0]] * (batch_size - n)
-        x = mesh_lib.shard_batch(np.stack(arrays), mesh)
+        if len(rows) == batch_size:
+            arrays = list(_POOL.map(load, chunk))
+            batch = np.stack(arrays + [arrays[0]] * (batch_size - n))
+        else:  # several processes: decode only the rows this one's devices hold; the rest is never read
+            arrays = list(_POOL.map(load, [chunk[r] if r < n else chunk[0] for r in rows]))
+            batch = np.zeros((batch_size, *arrays[0].shape), arrays[0].dtype)
+            batch[rows] = np.stack(arrays)
+        x = mesh_lib.shard_batch(batch, mesh)
         y = fn(params, x)  # dispatch is async: the next batch is decoded while this one runs
         if pending is not None:
-            outs.append(np.asarray(jax.device_get(pending[0]))[:pending[1]])
+            outs.append(mesh_lib.to_host(pending[0])[:pending[1]])
         pending = (y, n)
         progress.update(start + n)
     if pending is not None:
-        outs.append(np.asarray(jax.device_get(pending[0]))[:pending[1]])
+        outs.append(mesh_lib.to_host(pending[0])[:pending[1]])
     if not outs:
         raise ValueError(f"{desc}: nothing to encode")
     return np.concatenate(outs).astype(np.float32)

@@ -1,4 +1,8 @@
-"""Results a person can read: a mean +- std table per method and shot count, and the accuracy-vs-shots plot."""
+"""Results a person can read: a mean +- std table per method and shot count, and the accuracy-vs-shots plot.
+
+The writers here (`write_atomic`, `write_json`, `plot`) write on process 0 only: a multi-host run, where every
+process computes the same results, leaves one copy of each file.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+
+def _is_primary() -> bool:
+    # Without jax.distributed this is the only process: asking JAX would start its backend (on a GPU, grabbing
+    # its memory) just to write a file.
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
 
 # Display names and order, as the few-shot papers print them.
 METHOD_NAMES = {
@@ -48,7 +59,9 @@ def table(summary: Mapping[str, Mapping[int, Mapping[str, float]]], title: str =
 
 
 def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, title: str = "") -> None:
-    """Accuracy vs shots (log2 x axis), one line per method with a +-std band, saved as PNG."""
+    """Accuracy vs shots (log2 x axis), one line per method with a +-std band, saved as PNG (process 0 only)."""
+    if not _is_primary():
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,7 +87,12 @@ def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, ti
 
 
 def write_atomic(path: str, write, binary: bool = False) -> None:
-    """Writes via a temporary file in the same directory and renames: a reader never sees half a file."""
+    """Writes via a temporary file in the same directory and renames: a reader never sees half a file.
+
+    Process 0 only; on the other processes of a multi-host run this does nothing.
+    """
+    if not _is_primary():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
     try:

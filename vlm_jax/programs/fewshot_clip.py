@@ -401,5 +401,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         report.plot(summary, os.path.join(workdir, "accuracy_vs_shots.png"), title)
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
-    print("\n" + md, flush=True)
+    if mesh_lib.is_primary():
+        print("\n" + md, flush=True)
     return out

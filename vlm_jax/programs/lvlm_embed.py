@@ -86,14 +86,17 @@ def _load(item, pp) -> np.ndarray:
 
 
 def _batched(fn, items, make, mesh, batch_size) -> np.ndarray:
-    """fn(batch) over items in fixed-size (padded) batches sharded on the mesh; f32[len(items), D]."""
+    """fn(batch) over items in fixed-size (padded) batches sharded on the mesh; f32[len(items), D].
+
+    Every process builds the same global batches and gets the whole result (gathered across processes).
+    """
     out, div = [], mesh_lib.batch_divisor(mesh)
     bs = max(div, batch_size // div * div)
     for i in range(0, len(items), bs):
         chunk = list(items[i:i + bs])
         n = len(chunk)
         chunk += [chunk[0]] * (bs - n)  # one compiled shape
-        out.append(np.asarray(fn(mesh_lib.shard_batch(make(chunk), mesh)))[:n])
+        out.append(mesh_lib.to_host(fn(mesh_lib.shard_batch(make(chunk), mesh)))[:n])
     return np.concatenate(out)
 
 
@@ -191,7 +194,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype))
-    base = jax.device_put(base, mesh_lib.replicated(mesh))
+    # Placed by the weights' logical axis names: replicated on the default data-parallel mesh, sharded when the
+    # mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1 --config.mesh.data=1`), so that no device needs the
+    # whole LVLM. The trainer keeps this layout.
+    base = mesh_lib.shard_params(base, model, model.init_inputs(), mesh)
     tok = tokenize.load_tokenizer(ckpt)
     pp = preprocess.preprocess_settings(ckpt)
     spec = pairs.PromptSpec(chat_template=mc.chat_template, image_prompt=mc.image_prompt, text_prompt=mc.text_prompt,
@@ -250,5 +256,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out = {"checkpoint": ckpt, "train_pairs": n, "history": fit.history, "results": rows}
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
-    print("\n" + md, flush=True)
+    if mesh_lib.is_primary():
+        print("\n" + md, flush=True)
     return out

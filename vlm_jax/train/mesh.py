@@ -4,6 +4,11 @@ One program for every size: the mesh has the axes ('data', 'fsdp', 'tensor') on 
 on 8 fake CPU devices, on a GPU node or on a TPU pod slice. Model code only names *logical* axes
 (`nn.with_logical_partitioning(init, ('embed', 'mlp'))`); the rule table below, overridable from the
 config, maps them onto mesh axes. Batches are sharded over ('data', 'fsdp').
+
+Multi-host (several processes under `jax.distributed`, see launch/main.py) follows one rule: every process
+builds the same deterministic *global* host batch, and `shard_batch` turns it into global jax.Arrays of which
+each process materialises only its own (addressable) shards. Results come back to the host with `to_host`,
+which gathers across processes when an array spans several; only process 0 writes files (`is_primary`).
 """
 
 from __future__ import annotations
@@ -104,13 +109,65 @@ def batch_divisor(mesh: Mesh) -> int:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Places a host-local batch (numpy pytree, leading dim = per-process batch) on the mesh.
+    """Places a global host batch (numpy pytree) on the mesh, its leading dimension over ('data', 'fsdp').
 
-    With several processes each one passes its own slice; `make_array_from_process_local_data`
-    assembles the global array without any cross-host copy.
+    Every process passes the same global batch (built deterministically, e.g. from the epoch index); each one
+    copies to its devices only the slices they hold (`jax.make_array_from_callback`), so nothing crosses hosts
+    and the host-to-device traffic per process is its share of the batch. With one process this is a plain
+    sharded `device_put`.
+
+    Args:
+      batch: pytree of arrays `[B, ...]`; B must be a multiple of `batch_divisor(mesh)`.
+
+    Returns:
+      The same pytree of global jax.Arrays with `batch_sharding(mesh)`.
     """
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    div = batch_divisor(mesh)
+
+    def place(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % div:
+            raise ValueError(f"batch leaf of shape {x.shape}: the leading (batch) dimension must be a multiple of "
+                             f"{div}, the size of the mesh's {BATCH_AXES} axes")
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, batch)
+
+
+def addressable_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """i64[k]: the rows of a global batch of `batch_size` that this process's devices hold (sorted).
+
+    All rows with one process. A loader may fill only these rows of the global batch it hands to
+    `shard_batch` (the others are never read), so that no host decodes the whole batch.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = set()
+    for (sl,) in index_map.values():
+        rows.update(range(*sl.indices(batch_size)))
+    return np.array(sorted(rows), np.int64)
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches a pytree of (global) jax.Arrays to numpy on every process.
+
+    An array that spans devices of other processes (e.g. a batch-sharded output of a jitted function) is
+    gathered across processes (`multihost_utils.process_allgather`, a collective: every process must call
+    this in the same order); fully addressable or fully replicated arrays are a local copy. Other leaves
+    (numpy, Python scalars) pass through `np.asarray`.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def is_primary() -> bool:
+    """True on the process that writes files (results, plots, caches, metrics): process 0."""
+    return jax.process_index() == 0
 
 
 def sharded_init(model, init_args: Sequence[Any], rng: jax.Array, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
