@@ -28,7 +28,9 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.program = "lvlm_embed"
     c.rng_seed = 0
-    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32")
+    # dtype: compute dtype ('bfloat16' on GPU/TPU); param_dtype: storage of the frozen base ('' = dtype). The
+    # trainable LoRA / prompts are float32 master weights whatever these say.
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="")
     c.data = dict(name="manifest", manifest="", image_root="",
                   # Evaluation (any subset): Karpathy-split retrieval JSON, SugarCrepe folder, Winoground JSONL,
                   # a few-shot-layout classification dataset (zero-shot through the same embeddings).
@@ -45,10 +47,14 @@ def get_config(arg=None):
         lora_rank=16, lora_alpha=16.0,
         # (regex or (regex, input axes)) over '/'-joined param paths: the LM's linear layers.
         lora_targets=list(disc.LORA_TARGETS),
+        # k > 1: the LVLM passes run over k microbatches with rematerialisation; the loss and gradients stay
+        # the full batch's (all batch_size - 1 negatives) at the activation memory of batch_size / k samples.
+        microbatches=1,
     )
     c.train = dict(epochs=1, batch_size=1024,
                    optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"),
-                   param_groups=[("lora/.*", 1.0), ("(image|text)_prompt", 1.0), ("log_temperature", 1.0)])
+                   param_groups=[("lora/.*", 1.0), ("(image|text)_prompt", 1.0), ("log_temperature", 1.0)],
+                   checkpoint_every_steps=200)   # plus every epoch end and on SIGTERM
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:

@@ -193,7 +193,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-    model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype))
+    model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
+                                                param_dtype=jnp.dtype(config.model.get("param_dtype") or
+                                                                      config.model.dtype))
     # Placed by the weights' logical axis names: replicated on the default data-parallel mesh, sharded when the
     # mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1 --config.mesh.data=1`), so that no device needs the
     # whole LVLM. The trainer keeps this layout.
@@ -225,11 +227,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if mc.learn_temperature:
         params["log_temperature"] = disc.init_log_temperature(mc.temperature)
     loss_fn = disc.make_loss_fn(model, lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank, temperature=mc.temperature,
-                                ntp_weight=mc.ntp_weight)
+                                ntp_weight=mc.ntp_weight, microbatches=mc.get("microbatches", 1))
 
     split = [pairs.split_captions(tokens, (s, l)) for _, s, l in train_pairs]
     n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
     bs = max(div, min(tc.batch_size, n) // div * div)
+    k = mc.get("microbatches", 1)
+    if bs % (k * div):
+        raise errors.UserError(f"method.microbatches={k} needs a training batch ({bs}) divisible by {k} x the "
+                               f"{div} data-parallel devices: change train.batch_size or method.microbatches")
     steps_per_epoch = n // bs
 
     def epoch_batches(epoch):
@@ -243,7 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     fit = trainer.fit(loss_fn=loss_fn, params=params, param_groups=[tuple(g) for g in tc.param_groups],
                       optim=tc.optim.to_dict(), num_epochs=tc.epochs, steps_per_epoch=steps_per_epoch,
                       epoch_batches=epoch_batches, mesh=mesh, rng=rng, workdir=workdir, writer=writer,
-                      name="vladva", log_every_s=10.0)
+                      name="vladva", log_every_s=10.0,
+                      checkpoint_every_steps=tc.get("checkpoint_every_steps", 0))
     writer.close()
     trained = fit.best_params
     weights = peft.lora_merge(base, trained["lora"], alpha=mc.lora_alpha, rank=mc.lora_rank)
