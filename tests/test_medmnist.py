@@ -160,3 +160,58 @@ def test_macro_f1_matches_sklearn():
     pred = np.where(rng.random(200) < 0.1, -1, rng.integers(0, 5, 200))
     want = sklearn_metrics.f1_score(true, pred, labels=list(range(5)), average="macro", zero_division=0)
     assert macro_f1(pred, true, 5) == pytest.approx(want)
+
+
+def test_match_label_set():
+    chest = MEDMNIST["chestmnist"].labels
+    names = lambda hot: None if hot is None else [chest[i] for i in np.flatnonzero(hot)]
+    assert names(mm.match_label_set("Effusion, Mass.", chest)) == ["effusion", "mass"]
+    assert names(mm.match_label_set("mass, effusion", chest)) == ["effusion", "mass"]  # order-free
+    assert names(mm.match_label_set("effusion and mass; hernia", chest)) == ["effusion", "mass", "hernia"]
+    assert names(mm.match_label_set("normal.", chest)) == []
+    assert names(mm.match_label_set("No finding", chest, none="no finding")) == []
+    assert names(mm.match_label_set("normal", chest, none="no finding")) is None  # not a label, not the none text
+    assert names(mm.match_label_set("effusion, tumour", chest)) is None  # one unmatched piece: the whole answer
+    assert names(mm.match_label_set("", chest)) is None and names(mm.match_label_set(" , ", chest)) is None
+    assert names(mm.match_label_set("the finding is pleural", chest)) == ["pleural"]
+    # Every response round-trips.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        hot = rng.random(14) < 0.2
+        got = mm.match_label_set(response([chest[i] for i in np.flatnonzero(hot)]), chest)
+        np.testing.assert_array_equal(got, hot)
+    # A label that holds ' and ' is still recognised whole.
+    derma = MEDMNIST["dermamnist"].labels
+    assert names(mm.match_label_set(derma[0] + ".", derma)) is not None
+
+
+def test_instruction_any_modality_and_no_finding_response():
+    assert mm.format_instruction("brain MRI", ["glioma", "no tumor"]) == \
+        "Analyze the given brain MRI image. The possible diagnoses are: glioma, no tumor."
+    assert mm.format_instruction("brain MRI", ["glioma"], include_labels=False) == "Analyze the given brain MRI image."
+    assert response([], none="no finding") == "no finding."
+
+
+def test_multilabel_metrics():
+    true = np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0]], bool)
+    pred = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 0, 0]], bool)
+    assert mm.multilabel_accuracy(pred, true) == pytest.approx(0.5)
+    assert mm.multilabel_accuracy(pred, true, valid=[True, False, True, True]) == pytest.approx(0.25)
+    # label 0: TP1 FP1 FN1 -> .5; label 1: TP1 FN1 -> 2/3; label 2: TP1 -> 1
+    assert mm.multilabel_macro_f1(pred, true) == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    with pytest.raises(ValueError, match="one shape"):
+        mm.multilabel_macro_f1(pred[:, :2], true)
+    rng = np.random.default_rng(2)
+    true, pred = rng.random((100, 14)) < 0.15, rng.random((100, 14)) < 0.15
+    true[:, 13] = pred[:, 13] = False  # a label never present: 0 (zero_division=0)
+    ref = []  # per label: 2 TP / (2 TP + FP + FN), by a loop
+    for c in range(14):
+        tp = int(np.sum(pred[:, c] & true[:, c]))
+        denom = 2 * tp + int(np.sum(pred[:, c] ^ true[:, c]))
+        ref.append(2 * tp / denom if denom else 0.0)
+    assert mm.multilabel_macro_f1(pred, true) == pytest.approx(np.mean(ref))
+    assert mm.multilabel_accuracy(pred, true) == pytest.approx(np.mean([(p == t).all() for p, t in zip(pred, true)]))
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    assert mm.multilabel_macro_f1(pred, true) == pytest.approx(
+        sklearn_metrics.f1_score(true, pred, average="macro", zero_division=0))
+    assert mm.multilabel_accuracy(pred, true) == pytest.approx(sklearn_metrics.accuracy_score(true, pred))

@@ -104,3 +104,82 @@ def test_init_from_clip(model, tmp_path):
     with pytest.raises(ValueError):
         tsm.init_from_clip(tsm.TSMClassifier(dataclasses.replace(VISION, hidden_size=16,
                                                                   intermediate_size=32), C), clip_params)
+
+
+def _np_bce(z, t):
+    p = 1 / (1 + np.exp(-z))
+    return -(t * np.log(p) + (1 - t) * np.log(1 - p))
+
+
+def test_masked_bce_is_mean_over_own_labels():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, C)).astype(np.float32) * 3
+    targets = (rng.random((4, C)) < 0.4).astype(np.float32)
+    ds = np.array([2, 1, 2, 0])
+    mask = np.asarray(tsm.dataset_class_mask(ds, OFFSETS, SIZES, C))
+    got = np.asarray(tsm.masked_bce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask)))
+    for i, d in enumerate(ds):
+        lo, hi = OFFSETS[d], OFFSETS[d] + SIZES[d]
+        np.testing.assert_allclose(got[i], _np_bce(logits[i, lo:hi], targets[i, lo:hi]).mean(), rtol=1e-5)
+    # Logits and targets outside the mask change nothing.
+    noisy = np.where(mask, logits, 1e3)
+    np.testing.assert_allclose(tsm.masked_bce(noisy, np.where(mask, targets, 1 - targets), mask), got, rtol=1e-6)
+
+
+def _mixed_batch(b=6, seed=0):
+    """Datasets 0, 1 single-label, dataset 2 (4 labels) multi-label."""
+    batch = _batch(b, seed)
+    rng = np.random.default_rng(seed + 1)
+    ds = np.arange(b) % len(SIZES)
+    multi = ds == 2
+    targets = np.asarray(jax.nn.one_hot(batch["labels"], C))
+    hot = rng.random((b, C)) < 0.5
+    targets = np.where(multi[:, None], hot & np.asarray(batch["class_mask"]), targets).astype(np.float32)
+    labels = np.where(multi, OFFSETS[ds], np.asarray(batch["labels"]))
+    return {**batch, "labels": jnp.asarray(labels, jnp.int32), "targets": jnp.asarray(targets),
+            "multi_label": jnp.asarray(multi)}
+
+
+def test_multilabel_loss_mixes_ce_and_bce(model):
+    params = tsm.init_params(model, jax.random.key(0))
+    batch = _mixed_batch()
+    loss, m = jax.jit(tsm.make_loss_fn(model))(params, batch, None)
+    logits, _ = model.apply({"params": params}, batch["pixel_values"])
+    logits, mask = np.asarray(logits, np.float64), np.asarray(batch["class_mask"])
+    per = []
+    for i in range(6):
+        row = logits[i][mask[i]]
+        if batch["multi_label"][i]:
+            per.append(_np_bce(row, np.asarray(batch["targets"])[i][mask[i]]).mean())
+        else:
+            row = row - row.max()
+            per.append(-(row - np.log(np.exp(row).sum()))[int(batch["labels"][i]) - OFFSETS[i % 3]])
+    np.testing.assert_allclose(float(loss), np.mean(per), rtol=1e-5)
+    assert 0.0 <= float(m["accuracy"]) <= 1.0
+    # Without the multi-label keys the loss is the plain masked CE (the multi-label rows then use 'labels').
+    plain = {k: batch[k] for k in ("pixel_values", "labels", "class_mask")}
+    assert abs(float(jax.jit(tsm.make_loss_fn(model))(params, plain, None)[0]) - float(loss)) > 1e-4
+
+
+def test_multilabel_training_learns_sets_and_predict_joint(model):
+    params = tsm.init_params(model, jax.random.key(0))
+    labels = trainer.param_labels(params, tsm.PARAM_GROUPS)
+    trainable, frozen = trainer.partition(params, labels)
+    tx = trainer.make_optimizer({"name": "adam", "lr": 3e-3, "decay_type": "constant"}, labels, 30)
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable))
+    step = trainer.make_train_step(tsm.make_loss_fn(model), tx, jax.random.key(1))
+    batch = _mixed_batch()
+    for _ in range(30):
+        state, m = step(state, frozen, batch)
+    assert float(m["accuracy"]) == 1.0, m
+    params = trainer.merge(state.params, frozen)
+    pred = np.asarray(tsm.predict_joint(model, params, batch["pixel_values"], batch["class_mask"],
+                                        batch["multi_label"]))
+    assert pred.dtype == bool and pred.shape == (6, C)
+    np.testing.assert_array_equal(pred, np.asarray(batch["targets"]) > 0.5)  # sets and one-hots learnt
+    assert not (pred & ~np.asarray(batch["class_mask"])).any()
+    np.testing.assert_array_equal(pred[~np.asarray(batch["multi_label"])].sum(1), 1)
+    both, feat = tsm.predict_and_features(model, params, batch["pixel_values"], batch["class_mask"],
+                                          batch["multi_label"])
+    np.testing.assert_array_equal(both, pred)
+    np.testing.assert_allclose(feat, tsm.exemplar_features(model, params, batch["pixel_values"]), rtol=1e-6)

@@ -1,14 +1,17 @@
-"""End-to-end: `configs/vitask.py:runlocal` (toy CLIP TSM + toy LLaVA on the built-in photos) runs offline on CPU."""
+"""End-to-end: `configs/vitask.py:runlocal` (toy CLIP TSM + toy LLaVA, jointly on two disjoint halves of the
+built-in photos) runs offline on CPU; data errors are one line before any work."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
+DATASETS = ("builtin_a", "builtin_b")
 
 
 def test_vitask_runlocal(tmp_path):
@@ -18,18 +21,26 @@ def test_vitask_runlocal(tmp_path):
                            f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((workdir / "results.json").read_text())
+    assert [d["name"] for d in out["datasets"]] == list(DATASETS)
+    assert [d["test_examples"] for d in out["datasets"]] == [20, 20] and out["num_classes"] == 10
+    assert out["datasets"][1]["instruction"].endswith("galaxy, stained tissue sample, retina, coin, brick wall.")
     assert set(ROWS) <= set(out["results"]), out["results"].keys()
     for name in ROWS:
         row = out["results"][name]
         for metric in ("accuracy", "macro_f1"):
-            assert 0.0 <= row[metric] <= 100.0, (name, metric, row)
+            values = [row["datasets"][d][metric] for d in DATASETS]
+            assert all(0.0 <= v <= 100.0 for v in values), (name, metric, row)
+            assert abs(row["mean"][metric] - sum(values) / 2) < 1e-9, row
     for name in ROWS[1:]:  # the LVLM rows again, from greedy answers matched to the label set
-        row = out["results"][f"{name} [generated]"]
-        assert 0.0 <= row["accuracy"] <= 100.0 - row["unmatched"] + 1e-9, row  # unmatched answers count as wrong
+        for d in DATASETS:
+            row = out["results"][f"{name} [generated]"]["datasets"][d]
+            assert 0.0 <= row["accuracy"] <= 100.0 - row["unmatched"] + 1e-9, row  # unmatched answers count as wrong
+    md = (workdir / "results.md").read_text()
+    assert "| model | builtin_a acc | builtin_a F1 | builtin_b acc | builtin_b F1 | mean acc | mean F1 |" in md, md
     sha = out["connector_sha256"]
     assert sha["stage1"] and sha["stage1"] == sha["stage2"], sha  # the connector is frozen in stage 2
     assert out["history"]["stage2"] and "train_crt" in out["history"]["stage2"][0]
-    assert (workdir / "results.md").exists() and (workdir / "metrics.jsonl").exists()
+    assert (workdir / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("config, override", [
@@ -47,3 +58,37 @@ def test_missing_checkpoint_is_one_line_before_any_work(tmp_path, config, overri
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/nonexistent/" in last and config.split(":")[0] in last, last
     assert not workdir.exists()  # nothing half-written, no model trained for nothing
+
+
+def _chest(root):
+    """A fake chestmnist.npz (multi-label, 14 labels, a few 28x28 images)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.2).astype(np.uint8)
+    np.savez(root / "chestmnist.npz", **arrays)
+    return root
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.name=builtin_a,chestmnist", "--config.method.eval_mode=likelihood"],
+     "chestmnist is multi-label: label-likelihood ranking scores one label per answer; use "
+     "--config.method.eval_mode=generate"),
+    (["--config.data.name=builtin_a,folder:/nonexistent/xrays"], "/nonexistent/xrays does not exist"),
+    (["--config.data.name=builtin_a,folder:{tmp}/data"], "missing split folder"),
+    (["--config.method.eval_mode=rank"], "method.eval_mode must be"),
+])
+def test_data_errors_are_one_line_before_any_work(tmp_path, overrides, message):
+    _chest(tmp_path / "data")
+    workdir = tmp_path / "run"
+    env = dict(os.environ, VLM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    args = [o.replace("{tmp}", str(tmp_path)) for o in overrides] + [f"--config.data.root={tmp_path / 'data'}"]
+    proc = subprocess.run([sys.executable, "launch/main.py", "--config=configs/vitask.py:runlocal",
+                           f"--workdir={workdir}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not workdir.exists() and not (tmp_path / "cache").exists()

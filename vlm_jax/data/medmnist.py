@@ -13,7 +13,10 @@ Text (VITask, arXiv 2410.06456, METHODS.md 'VITask'):
 - `response(names)`: '{label}.'. ChestMNIST is multi-label: the positive labels in label order joined with
   ', ' ('effusion, mass.'), or 'normal.' when none is positive (ChestMNIST has no 'normal' class; an
   all-zero row means no finding). `MedExample.classname` is this answer text without the final '.'.
-- `match_answer(text, names)` maps a generated answer back to one label index (or None = wrong).
+- `match_answer(text, names)` maps a generated answer back to one label index (or None = wrong);
+  `match_label_set(text, names)` maps a multi-label answer ('effusion, mass.' / 'normal.') to a set of labels.
+- Metrics: `accuracy` / `macro_f1` (single-label); `multilabel_accuracy` (exact match of the label set) /
+  `multilabel_macro_f1` (mean over labels of the binary F1 of the positive class) for ChestMNIST.
 
 Label names are the official MedMNIST v2 `INFO[...]['label']` wording (lower/mixed case kept as in INFO).
 RetinaMNIST's official labels are the grades '0'..'4' (ordinal regression); ChestMNIST's 'pleural' is the
@@ -133,18 +136,23 @@ def _info(name: str) -> tuple[str, MedMNISTInfo]:
     return key, MEDMNIST[key]
 
 
-def response(label_names: Sequence[str]) -> str:
+def response(label_names: Sequence[str], *, none: str = NO_FINDING) -> str:
     """The target answer: '{label}.'; several names (ChestMNIST positives) join with ', '; none -> 'normal.'."""
-    return (", ".join(label_names) if label_names else NO_FINDING) + "."
+    return (", ".join(label_names) if label_names else none) + "."
+
+
+def format_instruction(modality: str, label_names: Sequence[str], *, include_labels: bool = True) -> str:
+    """'Analyze the given {modality} image. The possible diagnoses are: {l1}, {l2}, ....' (any dataset)."""
+    text = f"Analyze the given {modality} image."
+    if include_labels:
+        text += f" The possible diagnoses are: {', '.join(label_names)}."
+    return text
 
 
 def instruction(name: str, *, include_labels: bool = True) -> str:
     """VITask's instruction for dataset `name`; `include_labels=False` drops the label set (incomplete variant)."""
     _, info = _info(name)
-    text = f"Analyze the given {info.modality} image."
-    if include_labels:
-        text += f" The possible diagnoses are: {', '.join(info.labels)}."
-    return text
+    return format_instruction(info.modality, info.labels, include_labels=include_labels)
 
 
 def _split_examples(key: str, info: MedMNISTInfo, path: str, images: np.ndarray, labels: np.ndarray,
@@ -257,6 +265,41 @@ def match_answers(texts: Sequence[str], label_names: Sequence[str]) -> np.ndarra
     return np.array([-1 if m is None else m for m in out], np.int32)
 
 
+def match_label_set(text: str, label_names: Sequence[str], *, none: str = NO_FINDING) -> np.ndarray | None:
+    """The label set a generated multi-label answer names: bool[C], or None (unmatched; score it as wrong).
+
+    After `normalize`: the `none` answer ('normal') is the empty set; an answer equal to one label is that label;
+    otherwise the answer is split at ',' and ';' (and a piece that matches no label at ' and ') and every
+    non-empty piece must `match_answer` one label, else the whole answer is unmatched. Label names that contain
+    ',' or ' and ' are therefore only recognised whole (ChestMNIST's contain neither).
+    """
+    t = normalize(text)
+    out = np.zeros(len(label_names), bool)
+    if not t:
+        return None
+    if t == normalize(none):
+        return out
+    whole = match_answer(text, label_names)
+    if whole is not None and normalize(label_names[whole]) == t:
+        out[whole] = True
+        return out
+    for piece in re.split(r"[,;]", text):
+        if not normalize(piece):
+            continue
+        k = match_answer(piece, label_names)
+        if k is not None:
+            out[k] = True
+            continue
+        for part in re.split(r"\band\b", piece, flags=re.IGNORECASE):
+            if not normalize(part):
+                continue
+            k = match_answer(part, label_names)
+            if k is None:
+                return None
+            out[k] = True
+    return out
+
+
 def _check(pred, true) -> tuple[np.ndarray, np.ndarray]:
     pred, true = np.asarray(pred, np.int64).reshape(-1), np.asarray(true, np.int64).reshape(-1)
     if pred.shape != true.shape:
@@ -289,3 +332,38 @@ def macro_f1(pred, true, num_classes: int) -> float:
     denom = 2 * tp + fp + fn
     f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
     return float(f1.mean())
+
+
+def _check_hot(pred, true) -> tuple[np.ndarray, np.ndarray]:
+    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    if pred.shape != true.shape or pred.ndim != 2:
+        raise ValueError(f"pred and true must be bool[N, C] of one shape, got {pred.shape} and {true.shape}")
+    return pred, true
+
+
+def multilabel_accuracy(pred, true, valid=None) -> float:
+    """Exact-match (subset) accuracy: fraction of rows whose predicted label set equals the true one.
+
+    Args:
+      pred, true: bool[N, C] label sets; valid: bool[N] or None; an invalid row (unmatched answer) is wrong.
+    """
+    pred, true = _check_hot(pred, true)
+    hit = np.all(pred == true, axis=1)
+    if valid is not None:
+        hit &= np.asarray(valid, bool).reshape(-1)
+    return float(np.mean(hit)) if hit.size else 0.0
+
+
+def multilabel_macro_f1(pred, true) -> float:
+    """Unweighted mean over the C labels of the binary F1 of each label's positive class.
+
+    bool[N, C] each. A label with no true and no predicted positive scores 0 (sklearn's
+    f1_score(true, pred, average='macro', zero_division=0) on multi-hot arrays). Give unmatched answers an
+    all-False row: their true labels become false negatives.
+    """
+    pred, true = _check_hot(pred, true)
+    tp = np.sum(pred & true, axis=0)
+    fp = np.sum(pred & ~true, axis=0)
+    fn = np.sum(~pred & true, axis=0)
+    denom = 2 * tp + fp + fn
+    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))) if pred.shape[1] else 0.0

@@ -14,6 +14,12 @@ Joint label space. Dataset k owns the contiguous class range [offsets[k], offset
 C = sum(sizes) logits; `labels` are global indices into that range. `dataset_class_mask` builds the per-sample
 mask, `masked_logits` pushes every logit outside it to a large negative, so softmax / CE / argmax over the
 masked logits equal those over the sample's own label subset.
+
+Multi-label datasets (ChestMNIST). The paper does not say how its TSM treats ChestMNIST; here a multi-label
+sample's loss is the sigmoid binary cross-entropy of each of its dataset's logits against the multi-hot target,
+averaged over that dataset's labels (`masked_bce`), and its prediction is every label of its dataset with
+logit > 0 (sigmoid > 0.5). Single-label samples of the same batch keep the masked softmax (`make_loss_fn`,
+`predict_joint`).
 """
 
 from __future__ import annotations
@@ -94,21 +100,46 @@ def masked_logits(logits: jax.Array, class_mask: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 # Training, initialisation, inference.
 
+def masked_bce(logits: jax.Array, targets: jax.Array, class_mask: jax.Array) -> jax.Array:
+    """Per-sample sigmoid BCE averaged over the sample's own classes.
+
+    Args:
+      logits: f32[B, C]; targets: f32[B, C] multi-hot (1 = positive); class_mask: bool[B, C].
+
+    Returns:
+      f32[B]: mean over {c : class_mask[b, c]} of -t log sigmoid(z) - (1 - t) log(1 - sigmoid(z)).
+    """
+    bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32))
+    n = jnp.maximum(class_mask.sum(-1), 1).astype(jnp.float32)
+    return jnp.where(class_mask, bce, 0.0).sum(-1) / n
+
+
 def make_loss_fn(model: TSMClassifier):
     """loss_fn(params, batch, rng) -> (loss, {'loss', 'accuracy'}) for `vlm_jax.train.trainer`.
 
-    batch: {'pixel_values' f32[B, H, W, 3], 'labels' i32[B] (global class index), 'class_mask' bool[B, C]}.
-    Loss: mean CE of the masked logits. `rng` is unused (the tower has no dropout).
+    batch: {'pixel_values' f32[B, H, W, 3], 'labels' i32[B] (global class index), 'class_mask' bool[B, C]},
+    plus, when any dataset is multi-label, 'targets' f32[B, C] (multi-hot over the joint label space) and
+    'multi_label' bool[B]. Loss: mean over samples of the masked-softmax CE (single-label samples) or of
+    `masked_bce` (multi-label samples). A multi-label sample's 'labels' entry is ignored but must lie in its
+    mask (e.g. its dataset's offset) so the unused CE stays small and finite. 'accuracy': argmax == label, or
+    for multi-label samples the exact match of {logit > 0} with the target set. `rng` is unused (no dropout).
     """
 
     def loss_fn(params, batch, rng):
         del rng
-        logits, _ = model.apply({"params": params}, batch["pixel_values"])
-        logits = masked_logits(logits, batch["class_mask"])
+        raw, _ = model.apply({"params": params}, batch["pixel_values"])
+        mask = batch["class_mask"]
+        logits = masked_logits(raw, mask)
         labels = batch["labels"].astype(jnp.int32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        acc = (jnp.argmax(logits, -1) == labels).mean()
-        return loss, {"loss": loss, "accuracy": acc}
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        hit = jnp.argmax(logits, -1) == labels
+        if "multi_label" in batch:
+            multi = batch["multi_label"].astype(bool)
+            per = jnp.where(multi, masked_bce(raw, batch["targets"], mask), per)
+            exact = jnp.all(((raw > 0) == (batch["targets"] > 0.5)) | ~mask, axis=-1)
+            hit = jnp.where(multi, exact, hit)
+        loss = per.mean()
+        return loss, {"loss": loss, "accuracy": hit.mean()}
 
     return loss_fn
 
@@ -153,6 +184,26 @@ def predict(model: TSMClassifier, params, pixel_values, class_mask) -> jax.Array
     """-> i32[B]: argmax of the masked logits (always inside each sample's dataset)."""
     logits, _ = model.apply({"params": params}, pixel_values)
     return jnp.argmax(masked_logits(logits, class_mask), axis=-1).astype(jnp.int32)
+
+
+def _joint_sets(logits, class_mask, multi_label):
+    top = jax.nn.one_hot(jnp.argmax(masked_logits(logits, class_mask), -1), logits.shape[-1], dtype=bool)
+    return jnp.where(jnp.asarray(multi_label, bool)[:, None], (logits > 0) & class_mask, top)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predict_joint(model: TSMClassifier, params, pixel_values, class_mask, multi_label) -> jax.Array:
+    """-> bool[B, C] predicted label sets: the one-hot masked argmax for single-label samples, every class of the
+    mask with logit > 0 for multi-label ones (`multi_label` bool[B])."""
+    logits, _ = model.apply({"params": params}, pixel_values)
+    return _joint_sets(logits, class_mask, multi_label)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predict_and_features(model: TSMClassifier, params, pixel_values, class_mask, multi_label):
+    """-> (`predict_joint`'s bool[B, C], `exemplar_features`' f32[B, D]) from one pass of the tower."""
+    logits, feature = model.apply({"params": params}, pixel_values)
+    return _joint_sets(logits, class_mask, multi_label), feature
 
 
 @functools.partial(jax.jit, static_argnums=0)
