@@ -5,6 +5,8 @@ Usage:
   python launch/main.py --config=configs/vitask.py --config.data.name=dermamnist --config.data.root=/data/medmnist \
       --config.model.checkpoint=/ckpt/llava-1.5-7b-hf --config.tsm.checkpoint=/ckpt/clip-vit-base-patch16 \
       --workdir=/runs/vitask
+  # joint training (one TSM head, masked softmax per dataset; mixed LVLM batches; metrics per dataset):
+  ... --config.data.name=dermamnist,bloodmnist,chestmnist,folder:/data/my_xrays --config.method.eval_mode=generate
 
 The paper publishes neither alpha, beta, the LoRA rank, lr nor the batch size: the defaults here are alpha = beta
 = 1, LoRA rank 16 / alpha 16 on the LM's linear layers (as VladVA), lr 1e-4, one epoch per stage (as the paper).
@@ -22,33 +24,46 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.program = "vitask"
     c.rng_seed = 0
-    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32")
-    # name: a MedMNIST 2D single-label dataset (load_medmnist) or 'builtin' (the toy photos);
-    # size: MedMNIST image size (0 = the 28 px default file); test_limit: evaluate on the first N of a fixed
-    # permutation of the test split (0 = all).
+    # dtype: compute dtype ('bfloat16' on GPU/TPU); param_dtype: storage of the frozen LLaVA ('' = dtype). LoRA,
+    # the connector and the TSM train as float32 master weights whatever these say.
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="")
+    # name: one dataset or a comma-separated list trained jointly (`data.vitask_tasks`): a MedMNIST 2D name
+    # (official npz in `root`; chestmnist is multi-label), 'folder:<path>' (<path>/{train,val,test}/<class>/*.png,
+    # val optional; class = folder name, '_' -> ' '), 'builtin' (the 10 toy photos) or 'builtin_a' / 'builtin_b'
+    # (their first / last five classes: two disjoint datasets for offline joint training);
+    # size: MedMNIST image size (0 = the 28 px default file); test_limit: per dataset, evaluate on the first N of
+    # a fixed permutation of its test split (0 = all);
+    # modality: the word in image-folder datasets' instruction ('Analyze the given {modality} image. ...');
+    # no_finding: a multi-label sample's answer when it has no positive label ('normal' -> 'normal.');
     # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction).
     c.data = dict(name="dermamnist", root="", size=0, test_limit=0, eval_batch_size=8,
-                  chat_template="USER: {} ASSISTANT:", full_instruction=True)
+                  chat_template="USER: {} ASSISTANT:", full_instruction=True, modality="medical",
+                  no_finding="normal")
     # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
+    # accum_steps: gradient accumulation (the batch in accum_steps microbatches); checkpoint_every_steps: besides
+    # every epoch end and SIGTERM (0: no more).
     c.tsm = dict(checkpoint="openai/clip-vit-base-patch16", epochs=30, batch_size=128,
-                 optim=dict(name="adamw", lr=1e-5, weight_decay=0.05, decay_type="cosine"))
+                 optim=dict(name="adamw", lr=1e-5, weight_decay=0.05, decay_type="cosine"),
+                 accum_steps=1, checkpoint_every_steps=0)
     c.method = dict(
         alpha=1.0, beta=1.0, rda_direction="student_teacher",
         stage1_epochs=1, stage2_epochs=1,
         connector_hidden=0,                      # 0: the LM's width
         lora_rank=16, lora_alpha=16.0, lora_targets=list(disc.LORA_TARGETS),
         # 'generate': greedy answers matched to the label set (unmatched = wrong), as the paper evaluates;
-        # 'likelihood': the faster ranking of every label's response; 'both': two sets of rows.
+        # 'likelihood': the faster ranking of every label's response (single-label datasets only: a UserError with
+        # a multi-label one); 'both': two sets of rows (a multi-label dataset's likelihood cells stay empty).
         eval_mode="both",
     )
-    c.train = dict(batch_size=32, optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"))
+    c.train = dict(batch_size=32, optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"),
+                   accum_steps=1, checkpoint_every_steps=200)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:
         c.model.checkpoint = "builtin:tiny-llava"
         c.tsm.checkpoint = "builtin:tiny-clip"
-        c.data.name = "builtin"
-        c.data.test_limit, c.data.eval_batch_size = 40, 8
+        c.data.name = "builtin_a,builtin_b"  # joint training offline: two disjoint 5-class halves of the photos
+        c.data.test_limit, c.data.eval_batch_size = 20, 8  # per dataset
         c.tsm.epochs, c.tsm.batch_size = 3, 16
         c.tsm.optim.lr = 1e-3
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0

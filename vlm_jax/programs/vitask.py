@@ -1,23 +1,37 @@
-"""VITask (arXiv 2410.06456): an LVLM fine-tuned for one classification task with a task-specific model (TSM).
+"""VITask (arXiv 2410.06456): an LVLM fine-tuned for classification tasks with a task-specific model (TSM).
 
-Data flow: config -> dataset (a MedMNIST 2D single-label dataset, or on `:runlocal` the built-in photos as a
-10-class "diagnosis" task) -> TSM (CLIP vision tower + linear head, `methods.tsm`) trained with the generic
-trainer -> frozen TSM exemplar features -> LLaVA + LoRA (+ `ExemplarConnector`) trained with `methods.vitask`:
+Data flow: config -> task (`data.vitask_tasks`: one dataset or several trained jointly — MedMNIST 2D, image
+folders, or on `:runlocal` the built-in photos split into two 5-class "diagnosis" datasets) -> TSM (CLIP vision
+tower + one linear head over the union of the datasets' labels, softmax masked to each sample's own dataset,
+sigmoid BCE for a multi-label dataset; `methods.tsm`) trained with the generic trainer -> frozen TSM exemplar
+features -> LLaVA + LoRA (+ `ExemplarConnector`) trained with `methods.vitask` on batches that mix the datasets,
+each sample with its own dataset's instruction:
   vanilla baseline: L_van only (its own LoRA, stage-1 epochs);
   VITask stage 1:   L_van + L_ep + alpha RDA, trains {'lora', 'connector'};
   VITask stage 2:   + beta CRT, the connector FROZEN (param group 'lora' only).
--> evaluation by label-likelihood ranking: for each test image every label's response '<label>.' + EOS is scored
-(sum of log-probs given image + instruction [+ exemplar]) and the argmax is the prediction -> accuracy and
-macro-F1 (%) of 'TSM', 'vanilla (L_van)', 'VITask w/o EP', 'VITask w/ EP' -> workdir (results.json, results.md,
-metrics.jsonl, checkpoints).
+-> evaluation of 'TSM', 'vanilla (L_van)', 'VITask w/o EP', 'VITask w/ EP' (`method.eval_mode`):
+  generate:   greedy answers, normalised and matched to the sample's own dataset's label set (`medmnist.
+              match_answer`; multi-label: `match_label_set`); an unmatched answer counts as wrong;
+  likelihood: label-likelihood ranking: every label response '<label>.' + EOS of the sample's dataset is scored
+              (sum of log-probs given image + instruction [+ exemplar]) and the argmax is the prediction. The
+              prompt (image + instruction [+ exemplar]) runs once per image into a KV cache and the label
+              continuations are scored against it (`make_ranker`), so the vision tower and the prompt are never
+              recomputed per label. Single-label datasets only: a multi-label answer is a set of labels, and
+              ranking all 2^C sets is not done; `eval_mode='likelihood'` with a multi-label dataset is a UserError
+              and 'both' leaves its likelihood cells empty ('–', and no mean);
+  both:       both, the generated rows suffixed ' [generated]'.
+-> accuracy and macro-F1 (%) per dataset and their mean over datasets (`vitask_tasks.split_metrics`) -> workdir
+(results.json: results[row]['datasets'][name] / results[row]['mean']; results.md: one table, rows = methods,
+two columns per dataset, plus a table of unmatched answers; metrics.jsonl; checkpoints).
 
 Sequences (tokenized piecewise, right-padded to one length): [BOS, 'USER: ', image tokens, '\\n' + instruction,
-' ASSISTANT:', ' ' + response, EOS]; answer_mask is 1 on the response and EOS tokens.
+' ASSISTANT:', ' ' + response, EOS]; answer_mask is 1 on the response and EOS tokens. Evaluation prompts are
+left-padded to the longest dataset prompt instead, so every dataset shares one compiled shape.
 
 CRT negatives: in each training batch, sample i's negative image is that of sample (i + s) mod B for the smallest
-shift s >= 1 whose label differs from i's (the "roll the batch until labels differ" rule); if every sample of the
-batch has i's label, the shift-1 image is used (same label: a weak negative). The negative pass shares the
-positive's ids exactly, only the pixels differ (as `vitask.crt_loss` requires).
+shift s >= 1 from the same dataset (same instruction) with a different answer (the "roll the batch until labels
+differ" rule); if no such sample is in the batch, the shift-1 image is used (a weak negative). The negative pass
+shares the positive's ids exactly, only the pixels differ (as `vitask.crt_loss` requires).
 
 results.json also records a sha256 of the connector params after stage 1 and after stage 2 (they must be equal:
 the connector is frozen in stage 2).
@@ -25,10 +39,10 @@ the connector is frozen in stage 2).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +56,7 @@ from vlm_jax import errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.data import features as feats
-from vlm_jax.data import medmnist, preprocess, tokenize
+from vlm_jax.data import medmnist, preprocess, tokenize, vitask_tasks
 from vlm_jax.eval import report, retrieval
 from vlm_jax.methods import tsm as tsm_lib
 from vlm_jax.methods import vitask
@@ -52,47 +66,41 @@ from vlm_jax.train import trainer
 from vlm_jax.train.metrics import MetricWriter
 
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
-COLUMNS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "unmatched": "unmatched answers"}
+METRICS = {"accuracy": "acc", "macro_f1": "F1"}
+EVAL_MODES = ("likelihood", "generate", "both")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Task.
-
-@dataclasses.dataclass
-class Task:
-    name: str
-    classnames: list[str]
-    instruction: str
-    responses: list[str]     # per class: '<classname>.'
-    train: list[Any]         # examples with .array and .label
-    test: list[Any]
-
-
-def load_task(dc) -> Task:
-    if dc.name == "builtin":
-        from vlm_jax.data import builtin
-        ds = builtin.builtin_dataset()
-        instr = "Analyze the given photo image." + (
-            f" The possible diagnoses are: {', '.join(ds.classnames)}." if dc.full_instruction else "")
-        return Task("builtin", list(ds.classnames), instr, [f"{c}." for c in ds.classnames],
-                    list(ds.train), list(ds.test))
-    if not dc.root:
-        raise errors.UserError("VITask needs --config.data.root=<folder with the MedMNIST npz files>; or try "
-                               "--config=configs/vitask.py:runlocal")
-    ds = medmnist.load_medmnist(dc.name, dc.root, size=dc.size or None)
-    if ds.multi_label:
-        raise errors.UserError(f"{dc.name} is multi-label; this program ranks single labels (use another dataset)")
-    return Task(ds.name, list(ds.classnames), medmnist.instruction(dc.name, include_labels=dc.full_instruction),
-                [medmnist.response([c]) for c in ds.classnames], list(ds.train), list(ds.test))
+def _source(example):
+    return example.array if getattr(example, "array", None) is not None else example.path
 
 
 def _pixels(examples, idx, pp) -> np.ndarray:
-    return feats.load_all(lambda j: preprocess.clip_preprocess(preprocess.load_image(examples[j].array), **pp), idx)
+    return feats.load_all(lambda j: preprocess.clip_preprocess(preprocess.load_image(_source(examples[j])), **pp),
+                          idx)
 
 
 def _batch_size(want: int, n: int, mesh) -> int:
     div = mesh_lib.batch_divisor(mesh)
     return max(div, min(want, n) // div * div)
+
+
+def _chunks(rows: Sequence[int], batch: int):
+    """(idx, n): `rows` in chunks of `batch`, the last padded with its first row (one compiled shape)."""
+    rows = list(rows)
+    for i in range(0, len(rows), batch):
+        idx = rows[i:i + batch]
+        n = len(idx)
+        yield np.asarray(idx + [idx[0]] * (batch - n)), n
+
+
+def _accum(tc, bs: int, mesh, key: str) -> int:
+    """The config's gradient-accumulation steps, checked against the batch size before any training."""
+    k = int(tc.get("accum_steps", 1))
+    div = mesh_lib.batch_divisor(mesh)
+    if k < 1 or bs % (k * div):
+        raise errors.UserError(f"{key}.accum_steps={k} needs a batch size ({bs}) divisible by {k} x the {div} "
+                               f"data-parallel devices: change {key}.batch_size or {key}.accum_steps")
+    return k
 
 
 def _sha(tree) -> str:
@@ -103,56 +111,91 @@ def _sha(tree) -> str:
     return h.hexdigest()
 
 
-def _metrics(pred, true, num_classes) -> dict[str, float]:
-    return {"accuracy": 100.0 * medmnist.accuracy(pred, true),
-            "macro_f1": 100.0 * medmnist.macro_f1(pred, true, num_classes)}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tokens.
 
 class Seqs:
-    """Piecewise tokenization of [BOS, pre, image tokens, '\\n' + instruction, post, ' ' + response, EOS]."""
+    """Piecewise tokenization of [BOS, pre, image tokens, '\\n' + instruction_d, post, ' ' + response, EOS].
 
-    def __init__(self, tok, template: str, instruction: str, responses, tokens_per_image: int, image_token_id: int):
+    Args:
+      tok: the LVLM's tokenizer.
+      template: the chat template, '{}' marking the user turn ('USER: {} ASSISTANT:').
+      instructions: one per dataset d.
+      responses: every response a row may hold (fixes the answer length A and so the sequence length L).
+    """
+
+    def __init__(self, tok, template: str, instructions: Sequence[str], responses: Sequence[str],
+                 tokens_per_image: int, image_token_id: int):
         pre, post = template.split("{}")
-        enc = lambda t: list(tok(t, add_special_tokens=False).input_ids) if t else []
+        self._enc = lambda t: list(tok(t, add_special_tokens=False).input_ids) if t else []
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        self.prompt = bos + enc(pre) + [image_token_id] * tokens_per_image + enc("\n" + instruction) + enc(post)
-        self.answers = [enc(" " + r) + eos for r in responses]
+        self.eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        self.prompts = [bos + self._enc(pre) + [image_token_id] * tokens_per_image + self._enc("\n" + ins) +
+                        self._enc(post) for ins in instructions]
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.length = len(self.prompt) + max(len(a) for a in self.answers)
-        n = self.length
-        c = len(self.answers)
-        self.ids = np.full((c, n), self.pad, np.int32)
-        self.mask = np.zeros((c, n), np.int32)
-        self.answer_mask = np.zeros((c, n), np.int32)
-        p = len(self.prompt)
-        for k, a in enumerate(self.answers):
-            self.ids[k, :p + len(a)] = self.prompt + a
-            self.mask[k, :p + len(a)] = 1
-            self.answer_mask[k, p:p + len(a)] = 1
+        self._answers: dict[str, list[int]] = {}
+        self.answer_length = max(len(self.answer(r)) for r in set(responses))
+        self.prompt_length = max(len(p) for p in self.prompts)
+        self.length = self.prompt_length + self.answer_length
 
-    def rows(self, labels) -> dict[str, np.ndarray]:
-        labels = np.asarray(labels)
-        return {"input_ids": self.ids[labels], "attention_mask": self.mask[labels],
-                "answer_mask": self.answer_mask[labels]}
+    def answer(self, text: str) -> list[int]:
+        """Token ids of ' ' + text + EOS (memoised: a joint task has few distinct answers)."""
+        if text not in self._answers:
+            self._answers[text] = self._enc(" " + text) + self.eos
+        return self._answers[text]
+
+    def rows(self, datasets, responses) -> dict[str, np.ndarray]:
+        """Teacher-forcing rows, right-padded: {'input_ids', 'attention_mask', 'answer_mask'} i32[B, L]."""
+        b = len(responses)
+        out = {k: np.zeros((b, self.length), np.int32) for k in ("input_ids", "attention_mask", "answer_mask")}
+        out["input_ids"][:] = self.pad
+        for i, (d, r) in enumerate(zip(datasets, responses)):
+            p, a = self.prompts[d], self.answer(r)
+            if len(p) + len(a) > self.length:
+                raise ValueError(f"response {r!r} is longer than the {self.answer_length} answer tokens planned for")
+            out["input_ids"][i, :len(p) + len(a)] = p + a
+            out["attention_mask"][i, :len(p) + len(a)] = 1
+            out["answer_mask"][i, len(p):len(p) + len(a)] = 1
+        return out
+
+    def prompt_rows(self, datasets) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation prompts left-padded to the longest dataset prompt: (ids, mask) i32[B, P]."""
+        ids = np.full((len(datasets), self.prompt_length), self.pad, np.int32)
+        mask = np.zeros_like(ids)
+        for i, d in enumerate(datasets):
+            p = self.prompts[d]
+            ids[i, self.prompt_length - len(p):] = p
+            mask[i, self.prompt_length - len(p):] = 1
+        return ids, mask
+
+    def answer_table(self, responses: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Label responses of each dataset d, right-padded: (ids, mask) i32[D, K, A], K = the most classes; the
+        rows past a dataset's own classes have mask 0 (score them -inf)."""
+        k = max(len(r) for r in responses)
+        a = max(len(self.answer(x)) for r in responses for x in r)
+        ids = np.full((len(responses), k, a), self.pad, np.int32)
+        mask = np.zeros_like(ids)
+        for d, rs in enumerate(responses):
+            for j, r in enumerate(rs):
+                t = self.answer(r)
+                ids[d, j, :len(t)] = t
+                mask[d, j, :len(t)] = 1
+        return ids, mask
 
 
-def negative_index(labels: np.ndarray) -> np.ndarray:
-    """i32[B]: for each i, (i + s) mod B for the smallest s >= 1 with a different label (shift 1 if none)."""
+def negative_index(labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """i32[B]: for each i, (i + s) mod B for the smallest s >= 1 with the same group (dataset) and a different
+    label; shift 1 if there is none. groups None: one group."""
     b = len(labels)
+    groups = np.zeros(b, np.int64) if groups is None else np.asarray(groups)
     out = (np.arange(b) + 1) % b
     done = np.zeros(b, bool)
     for s in range(1, b):
         j = (np.arange(b) + s) % b
-        hit = (~done) & (labels[j] != labels)
+        hit = (~done) & (labels[j] != labels) & (groups[j] == groups)
         out[hit] = j[hit]
         done |= hit
     return out.astype(np.int32)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The LVLM passes and losses.
 
@@ -199,9 +242,11 @@ def make_loss_fn(forward, *, stage: int | None, pad_id: int, lora_alpha: float, 
 
 
 def make_scorer(forward, *, lora_alpha: float, lora_rank: int):
+    """The uncached reference of `make_ranker`: one full pass (vision tower included) per (image, answer) row."""
+
     @functools.partial(jax.jit, static_argnames="use_ep")
     def score(base, lora, conn, ids, mask, amask, pixels, feature, use_ep: bool):
-        """f32[N]: sum over answer tokens of log p(token | image, instruction [, exemplar])."""
+        """f32[N]: sum over answer tokens of log p(token | image, instruction [, exemplar]); rows as `Seqs.rows`."""
         weights = peft.lora_merge(base, lora, alpha=lora_alpha, rank=lora_rank)
         if use_ep:
             ep, pos = forward(weights, ids, mask, pixels, conn, feature)
@@ -214,62 +259,165 @@ def make_scorer(forward, *, lora_alpha: float, lora_rank: int):
     return score
 
 
-def rank_labels(score, base, lora, conn, seqs: Seqs, test, test_feats, pp, batch: int, use_ep: bool) -> np.ndarray:
-    """i32[N] predictions: argmax over classes of the score of each class's response."""
-    c = len(seqs.answers)
-    preds = []
-    for i in range(0, len(test), batch):
-        idx = list(range(i, min(i + batch, len(test))))
-        n = len(idx)
-        idx += [idx[0]] * (batch - n)  # one compiled shape
-        px = np.repeat(_pixels(test, idx, pp), c, axis=0)
-        ft = np.repeat(test_feats[idx], c, axis=0)
-        labels = np.tile(np.arange(c), batch)
-        r = seqs.rows(labels)
-        s = np.asarray(score(base, lora, conn, r["input_ids"], r["attention_mask"], r["answer_mask"], px, ft,
-                             use_ep=use_ep)).reshape(batch, c)
-        preds.append(np.argmax(s, axis=1)[:n])
-    return np.concatenate(preds).astype(np.int32)
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+def _prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature, use_ep):
+    """Embedded (left-padded) prompts with the images spliced in [and the exemplar after them]."""
+    embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
+    if use_ep:
+        ex = connector.apply({"params": conn}, feature)
+        embeds, mask = vitask.insert_exemplar(embeds, mask, ex, vitask.exemplar_position(ids, image_token_id))
+    return embeds, mask
 
 
-def generate_labels(model, connector, seqs: Seqs, tok, classnames, base, lora, conn, test, test_feats, pp,
-                    batch: int, use_ep: bool, *, lora_alpha: float, lora_rank: int) -> np.ndarray:
-    """i32[N] predictions from greedy answers: decode, normalise, match to the label set (-1 if unmatched).
+def repeat_cache(cache, k: int, scan_layers: bool = False):
+    """Each row of a `KVCache` repeated k times (row b -> rows b*k .. b*k + k - 1)."""
+    kv_axis = 1 if scan_layers else 0  # scanned layers stack k / v on a leading layer axis
+    rep = lambda x: jnp.repeat(x, k, axis=kv_axis)
+    return cache.replace(k=jax.tree.map(rep, cache.k), v=jax.tree.map(rep, cache.v),
+                         mask=jnp.repeat(cache.mask, k, axis=0))
 
-    Every prompt has the same tokens ([image + instruction]), so no row needs padding; with EP the exemplar
-    token goes after the image tokens. Decoding runs with the KV cache of `models.generate`.
+
+def make_ranker(model, connector, image_token_id: int):
+    """Label-likelihood scores with the prompt computed once per image.
+
+    The prompt (image tokens from the vision tower, instruction [, exemplar]) is prefilled into a KV cache for B
+    rows; the cache is repeated for the K label responses of each row and only the K answer continuations run
+    through the LM. Equal (to float rounding) to `make_scorer` on the full sequences, at B prompt passes instead of
+    B * K full passes.
+    """
+
+    @functools.partial(jax.jit, static_argnames="use_ep")
+    def rank(weights, conn, ids, mask, pixels, feature, ans_ids, ans_mask, use_ep: bool):
+        """Scores f32[B, K] = sum over answer tokens of log p(token | image, instruction [, exemplar]).
+
+        Args:
+          weights: LLaVA params (LoRA merged); conn: connector params (used with use_ep).
+          ids, mask: i32[B, P] left-padded prompts (`Seqs.prompt_rows`); pixels f32[B, H, W, 3]; feature f32[B, Dt].
+          ans_ids, ans_mask: i32[B, K, A] each row's K right-padded answers ' <label>.' + EOS (mask 0 rows score
+            whatever; the caller masks them).
+        """
+        embeds, mask = _prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature,
+                                      use_ep)
+        b, p = mask.shape
+        k, a = ans_ids.shape[1:]
+        v = {"params": weights}
+        cache = model.init_cache(b, p + a)
+        hidden, cache = model.apply(v, None, mask, inputs_embeds=embeds, cache=cache, method="hidden_states")
+        # The last prompt position predicts every answer's first token.
+        first = jax.nn.log_softmax(model.apply(v, hidden[:, -1], method="logits").astype(jnp.float32), axis=-1)
+        s0 = jnp.take_along_axis(first, ans_ids[:, :, 0], axis=1)
+        flat_ids, flat_mask = ans_ids.reshape(b * k, a), ans_mask.reshape(b * k, a)
+        hidden, _ = model.apply(v, flat_ids, flat_mask, cache=repeat_cache(cache, k, model.scan_layers),
+                                method="hidden_states")
+        logp = jax.nn.log_softmax(model.apply(v, hidden[:, :-1], method="logits").astype(jnp.float32), axis=-1)
+        tok = jnp.take_along_axis(logp, flat_ids[:, 1:, None], axis=-1)[..., 0]
+        rest = jnp.where(flat_mask[:, 1:] > 0, tok, 0.0).sum(axis=1)
+        return s0 + rest.reshape(b, k)
+
+    return rank
+
+
+def rank_labels(rank, weights, conn, seqs: Seqs, table, task: vitask_tasks.JointTask, split: vitask_tasks.Split,
+                rows: Sequence[int], split_feats: np.ndarray, pp, batch: int, use_ep: bool):
+    """Label-likelihood predictions of `rows` of `split`, each among its own dataset's labels.
+
+    Args:
+      rank: `make_ranker(...)`; table: `seqs.answer_table(<each dataset's label responses>)`.
+
+    Returns:
+      (pred bool[N, C] one-hot in the joint label space, valid bool[N]: True on `rows`).
+    """
+    ans_ids, ans_mask = table
+    pred = np.zeros((len(split), task.num_classes), bool)
+    valid = np.zeros(len(split), bool)
+    for idx, n in _chunks(rows, batch):
+        ds = split.dataset[idx]
+        ids, mask = seqs.prompt_rows(ds)
+        s = np.asarray(rank(weights, conn, ids, mask, _pixels(split.examples, idx, pp), split_feats[idx],
+                            ans_ids[ds], ans_mask[ds], use_ep=use_ep))
+        s = np.where(ans_mask[ds][:, :, 0] > 0, s, -np.inf)  # only the sample's own dataset's labels
+        best = task.offsets[ds] + np.argmax(s, axis=1)
+        pred[idx[:n], best[:n]] = True
+        valid[idx[:n]] = True
+    return pred, valid
+
+
+def make_embedder(model, connector, image_token_id: int):
+    return jax.jit(functools.partial(_prompt_embeds, model, connector, image_token_id), static_argnames="use_ep")
+
+
+def generate_labels(model, embed, seqs: Seqs, tok, task: vitask_tasks.JointTask, split: vitask_tasks.Split,
+                    weights, conn, split_feats: np.ndarray, pp, batch: int, use_ep: bool):
+    """Predictions from greedy answers matched to each sample's own dataset's label set.
+
+    Prompts are left-padded to one length (`Seqs.prompt_rows`), so a batch may mix datasets; with EP the exemplar
+    token goes after the image tokens. Decoding runs with the KV cache of `models.generate`. A single-label answer
+    is matched with `medmnist.match_answer`, a multi-label one with `medmnist.match_label_set`.
+
+    Returns:
+      (pred bool[N, C] label sets in the joint label space, valid bool[N]: False where the answer is unmatched).
     """
     from vlm_jax.models import generate
 
-    weights = jax.jit(functools.partial(peft.lora_merge, alpha=lora_alpha, rank=lora_rank))(base, lora)
-    image_token_id = model.cfg.image_token_id
-
-    @jax.jit
-    def embed(ids, pixels, feature):
-        embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
-        mask = jnp.ones(ids.shape, jnp.int32)
-        if use_ep:
-            ex = connector.apply({"params": conn}, feature)
-            embeds, mask = vitask.insert_exemplar(embeds, mask, ex, vitask.exemplar_position(ids, image_token_id))
-        return embeds, mask
-
-    max_new = max(len(a) for a in seqs.answers) + 2
+    max_new = seqs.answer_length + 2
     eos = tok.eos_token_id
-    preds = []
-    for i in range(0, len(test), batch):
-        idx = list(range(i, min(i + batch, len(test))))
-        n = len(idx)
-        idx += [idx[0]] * (batch - n)  # one compiled shape
-        ids = np.tile(np.asarray(seqs.prompt, np.int32), (batch, 1))
-        embeds, mask = embed(ids, _pixels(test, idx, pp), test_feats[idx])
+    pred = np.zeros((len(split), task.num_classes), bool)
+    valid = np.zeros(len(split), bool)
+    shown = []
+    for idx, n in _chunks(range(len(split)), batch):
+        ds = split.dataset[idx]
+        ids, mask = seqs.prompt_rows(ds)
+        embeds, mask = embed(weights, conn, ids, mask, _pixels(split.examples, idx, pp), split_feats[idx],
+                             use_ep=use_ep)
         out = np.asarray(generate.greedy_generate(model, weights, None, mask, max_new, eos_token_id=eos,
-                                                  pad_token_id=seqs.pad, inputs_embeds=embeds))[:n]
-        for row in out:
+                                                  pad_token_id=seqs.pad, inputs_embeds=embeds))
+        for i, d, row in zip(idx[:n], ds[:n], out[:n]):
             row = row.tolist()
             text = tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
-            k = medmnist.match_answer(text, classnames)
-            preds.append(-1 if k is None else k)
-    return np.asarray(preds, np.int32)
+            if len(shown) < 3:
+                shown.append(text)
+            dset, lo = task.datasets[d], task.offsets[d]
+            if dset.multi_label:
+                hot = medmnist.match_label_set(text, dset.classnames, none=task.no_finding)
+                if hot is not None:
+                    pred[i, lo:lo + len(hot)] = hot
+                    valid[i] = True
+            else:
+                k = medmnist.match_answer(text, dset.classnames)
+                if k is not None:
+                    pred[i, lo + k] = True
+                    valid[i] = True
+    logging.info("generated answers, e.g. %s; %d%% unmatched", shown, round(100 * float(np.mean(~valid))))
+    return pred, valid
+
+
+def format_results(rows: dict[str, dict[str, Any]], names: Sequence[str], title: str) -> str:
+    """Markdown: one table, rows = methods, accuracy / macro-F1 per dataset (+ their mean over several datasets);
+    then the % of unmatched generated answers per dataset, if any row has them."""
+    flat, cols = {}, {}
+    keys = list(names) + (["mean"] if len(names) > 1 else [])
+    for n in keys:
+        for m, short in METRICS.items():
+            cols[f"{n}/{m}"] = f"{n} {short}"
+    unmatched = {}
+    for row, r in rows.items():
+        per = dict(r["datasets"], mean=r["mean"])
+        flat[row] = {f"{n}/{m}": (per[n] or {}).get(m) for n in keys for m in METRICS}
+        if any(v and "unmatched" in v for v in r["datasets"].values()):
+            unmatched[row] = {n: (r["datasets"][n] or {}).get("unmatched") for n in names}
+    md = retrieval.format_table(flat, cols, title=title)
+    if unmatched:
+        md += "\n" + retrieval.format_table(unmatched, {n: n for n in names},
+                                            title="unmatched generated answers (%, counted as wrong)")
+    return md
+
+
+def _flat_metrics(r: dict[str, Any]) -> dict[str, float]:
+    out = {f"{n}/{k}": v for n, m in r["datasets"].items() if m for k, v in m.items()}
+    out.update({f"mean/{k}": v for k, v in (r["mean"] or {}).items()})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,21 +426,25 @@ def generate_labels(model, connector, seqs: Seqs, tok, classnames, base, lora, c
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dc, mc, tc, sc = config.data, config.method, config.train, config.tsm
     cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
-    task = load_task(dc)
-    num_classes = len(task.classnames)
-    test = task.test
-    if dc.test_limit and dc.test_limit < len(test):
-        order = np.random.default_rng(config.rng_seed).permutation(len(test))[:dc.test_limit]
-        test = [test[j] for j in sorted(order)]
-    test_labels = np.array([e.label for e in test], np.int32)
-    train_labels = np.array([e.label for e in task.train], np.int32)
 
     # Everything a user can get wrong is checked before the workdir gets anything (or a TSM trains for nothing).
-    if mc.eval_mode not in ("likelihood", "generate", "both"):
+    if mc.eval_mode not in EVAL_MODES:
         raise errors.UserError(f"method.eval_mode must be 'likelihood', 'generate' or 'both', got {mc.eval_mode!r}")
+    task = vitask_tasks.load_task(dc, config.rng_seed)
+    train, test = task.train, task.test
+    is_ml = task.multi_label
+    multi = [d.name for d in task.datasets if d.multi_label]
+    if multi and mc.eval_mode == "likelihood":
+        raise errors.UserError(f"{', '.join(multi)} is multi-label: label-likelihood ranking scores one label per "
+                               "answer; use --config.method.eval_mode=generate (or both: its likelihood cells stay "
+                               "empty)")
     from vlm_jax.programs import fewshot_clip
     clip_dir = fewshot_clip.resolve_checkpoint(sc.checkpoint, os.path.join(cache_root, "models"), "configs/vitask.py")
-    texts = [dc.chat_template.replace("{}", task.instruction)] + task.responses + list(task.classnames)
+    instructions = [d.instruction(dc.full_instruction) for d in task.datasets]
+    label_responses = [d.label_responses() for d in task.datasets]
+    texts = ([dc.chat_template.replace("{}", i) for i in instructions] + [r for rs in label_responses for r in rs] +
+             [c for d in task.datasets for c in d.classnames] +
+             ([medmnist.response([], none=task.no_finding)] if multi else []))
     ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
                                           "configs/vitask.py")
 
@@ -302,59 +454,79 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     repl = mesh_lib.replicated(mesh)
     writer = MetricWriter(workdir)
     rng = jax.random.key(config.rng_seed)
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    num_classes = task.num_classes
+    n_train = len(train)
+    for key, c in (("tsm", sc), ("train", tc)):   # fail before any training, not between the stages
+        _accum(c, _batch_size(c.batch_size, n_train, mesh), mesh, key)
 
-    # ---- 1. TSM.
+    # ---- 1. TSM: one head over the union of the labels, each sample's softmax (or BCE) on its own dataset's.
     clip_model, clip_params = clip_convert.from_pretrained(clip_dir, dtype=jnp.float32)
     tsm_model = tsm_lib.TSMClassifier(clip_model.vision, num_classes)
     tsm_params = tsm_lib.init_from_clip(tsm_model, clip_params, jax.random.fold_in(rng, 1))
     del clip_params
     clip_pp = preprocess.preprocess_settings(clip_dir)
-    n_train = len(task.train)
     bs = _batch_size(sc.batch_size, n_train, mesh)
-    all_true = np.ones((bs, num_classes), bool)
+
+    def tsm_batch(idx):
+        ds = train.dataset[idx]
+        b = {"pixel_values": _pixels(train.examples, idx, clip_pp),
+             "labels": (task.offsets[ds] + np.maximum(train.label[idx], 0)).astype(np.int32),
+             "class_mask": task.class_mask(ds)}
+        if multi:
+            b["targets"] = train.targets[idx].astype(np.float32)
+            b["multi_label"] = is_ml[ds]
+        return b
 
     def tsm_batches(epoch):
         order = np.random.default_rng([config.rng_seed, 1, epoch]).permutation(n_train)
         for i in range(n_train // bs):
-            idx = order[i * bs:(i + 1) * bs]
-            yield {"pixel_values": _pixels(task.train, idx, clip_pp), "labels": train_labels[idx],
-                   "class_mask": all_true}
+            yield tsm_batch(order[i * bs:(i + 1) * bs])
 
     fit = trainer.fit(loss_fn=tsm_lib.make_loss_fn(tsm_model), params=tsm_params,
                       param_groups=list(tsm_lib.PARAM_GROUPS), optim=sc.optim.to_dict(), num_epochs=sc.epochs,
                       steps_per_epoch=n_train // bs, epoch_batches=tsm_batches, mesh=mesh,
-                      rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm", log_every_s=10.0)
+                      rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm", log_every_s=10.0,
+                      checkpoint_every_steps=sc.get("checkpoint_every_steps", 0),
+                      accum_steps=_accum(sc, bs, mesh, "tsm"))
     tsm_params = jax.device_put(fit.best_params, repl)
 
-    def tsm_pass(examples, fn):
-        out, b = [], 32
-        for i in range(0, len(examples), b):
-            idx = list(range(i, min(i + b, len(examples))))
-            n = len(idx)
-            idx += [idx[0]] * (b - n)
-            out.append(np.asarray(fn(tsm_model, tsm_params, _pixels(examples, idx, clip_pp)))[:n])
-        return np.concatenate(out)
+    def tsm_pass(split):
+        """(bool[N, C] predictions, f32[N, D] exemplar features) in one pass of the tower."""
+        preds, features = [], []
+        for idx, n in _chunks(range(len(split)), 32):
+            ds = split.dataset[idx]
+            p, f = tsm_lib.predict_and_features(tsm_model, tsm_params, _pixels(split.examples, idx, clip_pp),
+                                                task.class_mask(ds), is_ml[ds])
+            preds.append(np.asarray(p)[:n])
+            features.append(np.asarray(f, np.float32)[:n])
+        return np.concatenate(preds), np.concatenate(features)
 
-    tsm_pred = tsm_pass(test, lambda m, p, x: tsm_lib.predict(m, p, x, np.ones((x.shape[0], num_classes), bool)))
-    rows["TSM"] = _metrics(tsm_pred, test_labels, num_classes)
-    train_feats = tsm_pass(task.train, tsm_lib.exemplar_features).astype(np.float32)
-    test_feats = tsm_pass(test, tsm_lib.exemplar_features).astype(np.float32)
+    _, train_feats = tsm_pass(train)
+    tsm_pred, test_feats = tsm_pass(test)
+    rows["TSM"] = vitask_tasks.split_metrics(task, test, tsm_pred)
     logging.info("TSM: %s", rows["TSM"])
 
-    # ---- 2. LVLM.
-    model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype))
-    base = jax.device_put(base, repl)
+    # ---- 2. LVLM, on batches that mix the datasets, each sample with its own dataset's instruction.
+    model, base = llava_convert.from_pretrained(
+        ckpt, dtype=jnp.dtype(config.model.dtype),
+        param_dtype=jnp.dtype(config.model.get("param_dtype") or config.model.dtype))
+    # By the weights' logical axes: replicated on the default data-parallel mesh, split under fsdp / tensor.
+    base = mesh_lib.shard_params(base, model, model.init_inputs(), mesh)
     tok = tokenize.load_tokenizer(ckpt)
     pp = preprocess.preprocess_settings(ckpt)
-    seqs = Seqs(tok, dc.chat_template, task.instruction, task.responses, model.cfg.tokens_per_image,
-                model.cfg.image_token_id)
+    seqs = Seqs(tok, dc.chat_template, instructions, train.responses + [r for rs in label_responses for r in rs],
+                model.cfg.tokens_per_image, model.cfg.image_token_id)
     width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
     forward = make_forward(model, connector, model.cfg.image_token_id)
     targets = [tuple(t) if isinstance(t, (list, tuple)) else t for t in mc.lora_targets]
     lora_kw = dict(lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank)
-    logging.info("LLaVA %s: %d train / %d test, sequence length %d", ckpt, n_train, len(test), seqs.length)
+    logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", ckpt, ", ".join(task.names), n_train,
+                 len(test), seqs.length)
+    # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
+    answer_key = {a: i for i, a in enumerate(sorted(set(zip(train.dataset.tolist(), train.responses))))}
+    train_key = np.array([answer_key[a] for a in zip(train.dataset.tolist(), train.responses)], np.int64)
 
     bs = _batch_size(tc.batch_size, n_train, mesh)
     steps = n_train // bs
@@ -364,66 +536,81 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             order = np.random.default_rng([config.rng_seed, seed, epoch]).permutation(n_train)
             for i in range(steps):
                 idx = order[i * bs:(i + 1) * bs]
-                px = _pixels(task.train, idx, pp)
-                b = {**seqs.rows(train_labels[idx]), "pixel_values": px, "feature": train_feats[idx]}
+                px = _pixels(train.examples, idx, pp)
+                b = {**seqs.rows(train.dataset[idx], [train.responses[j] for j in idx]), "pixel_values": px,
+                     "feature": train_feats[idx]}
                 if with_neg:
-                    b["neg_pixel_values"] = px[negative_index(train_labels[idx])]
+                    b["neg_pixel_values"] = px[negative_index(train_key[idx], train.dataset[idx])]
                 yield b
         return epoch_batches
 
-    def train(name, params, groups, stage, epochs, seed):
+    def fit_lvlm(name, params, groups, stage, epochs, seed):
         loss_fn = make_loss_fn(forward, stage=stage, pad_id=seqs.pad, alpha=mc.alpha, beta=mc.beta,
                                rda_direction=mc.rda_direction, **lora_kw)
         f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=tc.optim.to_dict(),
                         num_epochs=epochs, steps_per_epoch=steps, epoch_batches=lvlm_batches(seed, stage == 2),
                         mesh=mesh, rng=jax.random.fold_in(rng, seed), workdir=workdir, writer=writer, name=name,
-                        log_every_s=10.0)
+                        log_every_s=10.0, checkpoint_every_steps=tc.get("checkpoint_every_steps", 0),
+                        accum_steps=_accum(tc, bs, mesh, "train"))
         return trainer.merge(jax.device_put(f.best_params, repl), params), f.history
 
     lora0 = peft.lora_init(base, jax.random.fold_in(rng, 3), targets=targets, rank=mc.lora_rank)
     conn0 = nn.meta.unbox(connector.init(jax.random.fold_in(rng, 4),
                                          jnp.zeros((1, train_feats.shape[1]), jnp.float32))["params"])
     # Vanilla baseline: L_van only, its own LoRA.
-    van, h_van = train("vanilla", {"base": base, "lora": lora0}, [("lora/.*", 1.0)], None, mc.stage1_epochs, 10)
+    van, h_van = fit_lvlm("vanilla", {"base": base, "lora": lora0}, [("lora/.*", 1.0)], None, mc.stage1_epochs, 10)
     # VITask stage 1: {'lora', 'connector'}; stage 2: + CRT, the connector frozen.
-    p1, h1 = train("vitask_stage1", {"base": base, "lora": lora0, "connector": conn0},
-                   [("lora/.*", 1.0), ("connector/.*", 1.0)], 1, mc.stage1_epochs, 11)
+    p1, h1 = fit_lvlm("vitask_stage1", {"base": base, "lora": lora0, "connector": conn0},
+                      [("lora/.*", 1.0), ("connector/.*", 1.0)], 1, mc.stage1_epochs, 11)
     sha1 = _sha(p1["connector"])
     h2 = []
     p2 = p1
     if mc.stage2_epochs:
-        p2, h2 = train("vitask_stage2", p1, [("lora/.*", 1.0)], 2, mc.stage2_epochs, 12)
+        p2, h2 = fit_lvlm("vitask_stage2", p1, [("lora/.*", 1.0)], 2, mc.stage2_epochs, 12)
     sha2 = _sha(p2["connector"])
 
-    # ---- 3. Evaluation by label-likelihood ranking.
-    score = make_scorer(forward, **lora_kw)
+    # ---- 3. Evaluation, each sample against its own dataset's label set.
     eb = max(1, int(dc.eval_batch_size))
-    rk = lambda p, conn, ep: rank_labels(score, base, p["lora"], conn, seqs, test, test_feats, pp, eb, ep)
-    dummy_conn = p2["connector"]
-    variants = [("vanilla (L_van)", van, dummy_conn, False), ("VITask w/o EP", p2, p2["connector"], False),
+    merge = jax.jit(functools.partial(peft.lora_merge, alpha=mc.lora_alpha, rank=mc.lora_rank))
+    variants = [("vanilla (L_van)", van, p2["connector"], False), ("VITask w/o EP", p2, p2["connector"], False),
                 ("VITask w/ EP", p2, p2["connector"], True)]
-    if mc.eval_mode in ("likelihood", "both"):
-        for name, p, conn, ep in variants:
-            rows[name] = _metrics(rk(p, conn, ep), test_labels, num_classes)
-    if mc.eval_mode in ("generate", "both"):
-        # Greedy answers matched to the label set; an unmatched answer counts as wrong.
-        suffix = " [generated]" if mc.eval_mode == "both" else ""
-        for name, p, conn, ep in variants:
-            pred = generate_labels(model, connector, seqs, tok, list(task.classnames), base, p["lora"], conn, test,
-                                   test_feats, pp, eb, ep, **lora_kw)
-            rows[name + suffix] = {**_metrics(pred, test_labels, num_classes),
-                                   "unmatched": 100.0 * float(np.mean(pred < 0))}
+    skip = [k for k in range(len(task.datasets)) if is_ml[k]]
+    lik, gen = {}, {}
+    rank = make_ranker(model, connector, model.cfg.image_token_id)
+    embed = make_embedder(model, connector, model.cfg.image_token_id)
+    table = seqs.answer_table(label_responses)
+    single_rows = [i for i in range(len(test)) if not is_ml[test.dataset[i]]]
+    for name, p, conn, ep in variants:
+        weights = merge(base, p["lora"])  # once per variant, not per batch
+        if mc.eval_mode in ("likelihood", "both"):
+            pred, valid = rank_labels(rank, weights, conn, seqs, table, task, test, single_rows, test_feats, pp, eb,
+                                      ep)
+            lik[name] = vitask_tasks.split_metrics(task, test, pred, valid, skip=skip)
+        if mc.eval_mode in ("generate", "both"):
+            # Greedy answers matched to the label set; an unmatched answer counts as wrong.
+            pred, valid = generate_labels(model, embed, seqs, tok, task, test, weights, conn, test_feats, pp, eb, ep)
+            gen[name + (" [generated]" if mc.eval_mode == "both" else "")] = vitask_tasks.split_metrics(
+                task, test, pred, valid, unmatched=True)
+        del weights
+    rows.update(lik)
+    rows.update(gen)
     for i, (name, r) in enumerate(rows.items()):
-        writer.write(i, r, prefix=f"test/{name}/")
+        writer.write(i, _flat_metrics(r), prefix=f"test/{name}/")
     writer.close()
 
-    md = retrieval.format_table(rows, COLUMNS, title=f"VITask on {task.name}: test (%), {len(test)} images, "
-                                                      f"{mc.eval_mode} evaluation, {os.path.basename(ckpt)}")
-    out = {"checkpoint": ckpt, "tsm_checkpoint": clip_dir, "dataset": task.name, "num_classes": num_classes,
+    title = (f"VITask on {', '.join(task.names)}: test (%), {len(test)} images, {mc.eval_mode} evaluation, "
+             f"{os.path.basename(ckpt)}")
+    md = format_results(rows, task.names, title)
+    datasets = [{"name": d.name, "modality": d.modality, "num_classes": len(d.classnames),
+                 "multi_label": d.multi_label, "instruction": ins, "train_examples": int(np.sum(train.dataset == k)),
+                 "test_examples": int(np.sum(test.dataset == k))}
+                for k, (d, ins) in enumerate(zip(task.datasets, instructions))]
+    out = {"checkpoint": ckpt, "tsm_checkpoint": clip_dir, "datasets": datasets, "num_classes": num_classes,
            "train_examples": n_train, "test_examples": len(test), "eval_mode": mc.eval_mode,
            "connector_sha256": {"stage1": sha1, "stage2": sha2},
            "history": {"tsm": fit.history, "vanilla": h_van, "stage1": h1, "stage2": h2}, "results": rows}
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
-    print("\n" + md, flush=True)
+    if mesh_lib.is_primary():
+        print("\n" + md, flush=True)
     return out
