@@ -317,8 +317,7 @@ def test_training_steps_reduce_loss(llava):
     assert float(state.params["log_temperature"]) != float(np.log(0.05))   # the learnable temperature moved
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_microbatched_loss_and_gradients_equal_the_full_batch(llava, k):
+def test_microbatched_loss_and_gradients_equal_the_full_batch(llava, k=2):
     """GradCache-style microbatches: exact InfoNCE over the whole batch, not a mean of smaller ones."""
     _, model, base = llava
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
@@ -339,9 +338,26 @@ def test_microbatched_loss_and_gradients_equal_the_full_batch(llava, k):
     assert int(mk["ntp_tokens"]) == int(m1["ntp_tokens"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), gk, g1)
     # ... and differs from averaging k per-microbatch contrastive losses (what plain accumulation computes).
-    small = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, ntp_weight=0.0)
-    full_c = float(disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, ntp_weight=0.0)(
-        {"base": base, **params}, batch, None)[0])
-    parts = [float(small({"base": base, **params}, jax.tree.map(lambda x: x[i::k], batch), None)[0])
-             for i in range(k)]
-    assert abs(np.mean(parts) - full_c) > 1e-3
+    contrastive = jax.jit(lambda b: disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, ntp_weight=0.0)(
+        {"base": base, **params}, b, None)[0])
+    parts = [float(contrastive(jax.tree.map(lambda x: x[i::k], batch))) for i in range(k)]
+    assert abs(np.mean(parts) - float(m1["contrastive"])) > 1e-3
+
+
+def test_unmerged_lora_equals_merged(llava):
+    """The default unmerged LoRA (adapters beside the frozen layers) computes the merged form's loss and grads."""
+    _, model, base = llava
+    lora = jax.tree.map(lambda x: x + 0.02, peft.lora_init(base, jax.random.key(0), targets=disc.LORA_TARGETS,
+                                                           rank=4))
+    batch = _train_batch(model.cfg.tokens_per_image, np.random.default_rng(4))
+    outs = {}
+    for impl in ("merged", "unmerged"):
+        loss_fn = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, lora_impl=impl)
+        outs[impl] = jax.jit(jax.value_and_grad(lambda l: loss_fn({"base": base, "lora": l}, batch, None)[0]))(lora)
+    np.testing.assert_allclose(outs["unmerged"][0], outs["merged"][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), outs["unmerged"][1],
+                 outs["merged"][1])
+    assert np.abs(np.asarray(jax.tree.leaves(outs["merged"][1])[0])).max() > 0
+    with pytest.raises(ValueError, match="lora_impl"):
+        disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, lora_impl="fused")({"base": base, "lora": lora},
+                                                                              batch, None)

@@ -17,4 +17,4 @@ def test_train_step_equal_on_1_and_8_devices_under_each_mesh(method):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_child.py"), method], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), (proc.stdout[-2000:], proc.stderr[-4000:])
-    assert proc.stdout.count(f"{method} {{") == 3    # every mesh was run
+    assert proc.stdout.count(f"{method} {{") == (2 if method in ("discriminative", "vitask") else 3)  # every mesh ran

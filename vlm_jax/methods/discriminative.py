@@ -30,6 +30,7 @@ other shard's (the "gather negatives from all GPUs" of CLIP-style training, with
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -258,6 +259,24 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
     return loss, metrics
 
 
+@contextlib.contextmanager
+def lora_context(lora: PyTree | None, impl: str, *, alpha: float, rank: int):
+    """Yields base params -> the weights to apply the model with, LoRA included one way or the other.
+
+    'merged': the weights are W + s A B. 'unmerged': the weights are the base as it is and, inside the block,
+    `peft.lora_interceptor` adds s (x A) B to each adapted Dense call (paths from the model's root).
+    """
+    if not lora:
+        yield lambda base: base
+    elif impl == "merged":
+        yield lambda base: peft.lora_merge(base, lora, alpha=alpha, rank=rank)
+    elif impl == "unmerged":
+        with peft.lora_interceptor(lora, alpha=alpha, rank=rank):
+            yield lambda base: base
+    else:
+        raise ValueError(f"lora_impl must be 'merged' or 'unmerged', got {impl!r}")
+
+
 def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
     """fn(xs) for a function of independent rows, computed over k microbatches one at a time.
 
@@ -282,7 +301,7 @@ def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
 
 def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float = DEFAULT_TEMPERATURE,
                  ntp_weight: float = 1.0, min_temperature: float = MIN_TEMPERATURE,
-                 max_temperature: float = MAX_TEMPERATURE, microbatches: int = 1,
+                 max_temperature: float = MAX_TEMPERATURE, microbatches: int = 1, lora_impl: str = "unmerged",
                  ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """Builds `loss_fn(params, batch, rng) -> (loss, metrics)` for `vlm_jax.train.trainer`.
 
@@ -307,7 +326,12 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
       has_short bool[B], has_long bool[B]: which of the two captions the sample really has (padding rows and
         missing captions are False).
 
-    The rng is unused (no dropout: LoRA is merged, see `vlm_jax.models.peft`).
+    The rng is unused (no LoRA dropout).
+
+    lora_impl: 'unmerged' (default) adds s (x A) B beside each adapted layer (`peft.lora_interceptor`), so the
+    backward pass never forms a full weight gradient of the frozen kernels (25-35% of a LoRA step's FLOPs in
+    benchmarks/train_steps.py); 'merged' differentiates through W + s A B (`peft.lora_merge`). Equal up to
+    float rounding.
 
     microbatches: k > 1 runs the LVLM passes over k microbatches with rematerialisation (`_rowwise`): activation
     memory of B / k samples, the exact full-batch loss and gradients (all B - 1 negatives), one extra forward.
@@ -316,9 +340,10 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
 
     def loss_fn(params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array):
         del rng
-        base = params["base"]
-        lora = params.get("lora")
-        weights = peft.lora_merge(base, lora, alpha=lora_alpha, rank=lora_rank) if lora else base
+        with lora_context(params.get("lora"), lora_impl, alpha=lora_alpha, rank=lora_rank) as weights_of:
+            return _loss(weights_of(params["base"]), params, batch)
+
+    def _loss(weights, params, batch):
         image_prompt, text_prompt = params.get("image_prompt"), params.get("text_prompt")
         if "log_temperature" in params:
             t = temperature_from_log(params["log_temperature"], min_temperature, max_temperature)

@@ -58,6 +58,7 @@ from vlm_jax.convert import llava as llava_convert
 from vlm_jax.data import features as feats
 from vlm_jax.data import medmnist, preprocess, tokenize, vitask_tasks
 from vlm_jax.eval import report, retrieval
+from vlm_jax.methods import discriminative as disc
 from vlm_jax.methods import tsm as tsm_lib
 from vlm_jax.methods import vitask
 from vlm_jax.models import peft
@@ -215,12 +216,19 @@ def make_forward(model, connector: vitask.ExemplarConnector, image_token_id: int
 
 
 def make_loss_fn(forward, *, stage: int | None, pad_id: int, lora_alpha: float, lora_rank: int, alpha: float,
-                 beta: float, rda_direction: str):
-    """stage None: the vanilla baseline (L_van only); 1 / 2: VITask's stages (`vitask.total_loss`)."""
+                 beta: float, rda_direction: str, lora_impl: str = "unmerged"):
+    """stage None: the vanilla baseline (L_van only); 1 / 2: VITask's stages (`vitask.total_loss`).
+
+    lora_impl: 'unmerged' (the adapters beside the frozen layers, no full weight gradients) or 'merged'; see
+    `discriminative.lora_context`.
+    """
 
     def loss_fn(params, batch, rng):
         del rng
-        weights = peft.lora_merge(params["base"], params["lora"], alpha=lora_alpha, rank=lora_rank)
+        with disc.lora_context(params["lora"], lora_impl, alpha=lora_alpha, rank=lora_rank) as weights_of:
+            return _loss(weights_of(params["base"]), params, batch)
+
+    def _loss(weights, params, batch):
         ids, mask, amask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
         plain = forward(weights, ids, mask, batch["pixel_values"])
         l_van = vitask.answer_nll(plain, ids, amask)
