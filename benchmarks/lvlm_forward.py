@@ -15,6 +15,9 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU-vs-CPU comparison
+# Without it torch's OpenMP threads spin-wait and, beside JAX's threads on a shared CPU, slow torch down many
+# times over (benchmarks/RESULTS.md, "Thread spinning").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

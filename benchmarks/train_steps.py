@@ -23,7 +23,7 @@ torch.optim.AdamW + CosineAnnealingLR. Steps of the two frameworks alternate; th
 
 Printed per method: s/step (median, min-max), steps/s, examples/s (and tokens/s: LM tokens over all passes of
 the step) of both frameworks, the ratio JAX/torch, the step's FLOPs and MFU = FLOPs / (s/step) / peak FLOP/s:
-  * XLA: the cost analysis of the compiled JAX step (what JAX executes: merged-LoRA weight gradients,
+  * XLA: the cost analysis of the compiled JAX step (what JAX executes: merged LoRA's kernel gradients,
     remat recomputation included; cuDNN attention counted as 0);
   * 6N: 6 * N * tokens, N the weights each token meets (embedding tables excluded), no attention scores;
   * model: the FLOPs the step needs, used for the MFU(model) of both frameworks: 6N for the full fine-tune
@@ -37,16 +37,16 @@ the computations are equal, so they agree to float32 rounding (the second step a
   python benchmarks/train_steps.py                          # all four, full size, CPU vs CPU
   python benchmarks/train_steps.py --small                  # smoke run (about a minute)
   python benchmarks/train_steps.py --only tsm,vitask --iters 5
-  python benchmarks/train_steps.py --only discriminative,vitask --lora unmerged
+  python benchmarks/train_steps.py --only discriminative,vitask --lora merged
   # On a GPU (JAX with CUDA; torch on CUDA too if it has it, else add --no-torch):
   JAX_PLATFORMS=cuda python benchmarks/train_steps.py --only discriminative,vitask --dtype bfloat16 \
       --attention cudnn --remat full --batch 8 --iters 10
 
 How the torch computation differs (none of this changes the loss value):
   * LoRA: torch adds (alpha/r) (x A^T) B^T beside each frozen nn.Linear (HF PEFT's unmerged form, a minimal
-    wrapper since peft is not installed); vlm_jax merges W + (alpha/r) A B into the kernel inside the loss, so
-    its backward also forms the full weight gradient of every adapted kernel (--lora unmerged applies the same
-    pairs through peft.lora_interceptor instead, as torch does).
+    wrapper since peft is not installed); vlm_jax does the same by default (peft.lora_interceptor); with
+    --lora merged it differentiates through W + (alpha/r) A B instead, whose backward also forms the full
+    weight gradient of every adapted kernel.
   * LLaVA: the HF vision tower also runs its last layer, whose output LLaVA (feature layer -2) never uses; XLA
     removes it as dead code. vlm_jax also runs the vision tower once per pass, as torch does here.
   * DualAdapter: the reference (zhangce01/DualAdapter main.py) runs the frozen CLIP image encoder on the
@@ -328,7 +328,7 @@ def lvlm_flops(params, passes) -> tuple[float, float]:
 
     passes: [(images, lm_tokens, head_tokens)] per forward pass. The minimum is 2 N per token for the vision
     tower and projector (no gradient reaches them) and 4 N for the frozen LM body and head (input gradients
-    only): what unmerged LoRA computes. Merged LoRA (W + s A B inside the loss, vlm_jax's default) also forms
+    only): what unmerged LoRA computes. Merged LoRA (W + s A B inside the loss, --lora merged) also forms
     the full weight gradient of every adapted kernel, i.e. 6 N on the LM's linear layers. Neither count
     includes attention scores, the LoRA pairs themselves or elementwise work.
     """
@@ -347,20 +347,6 @@ def lvlm_flops(params, passes) -> tuple[float, float]:
     return six, frozen
 
 
-def lora_form(args, loss_fn, rank: int):
-    """The method's loss as built (merged LoRA), or with the same pairs applied unmerged (--lora unmerged).
-
-    Unmerged: `peft.lora_interceptor` adds s (x A) B to every adapted Dense call while the method's loss sees
-    an empty LoRA tree (so it merges nothing); the trainable tree and its param groups are unchanged.
-    """
-    if args.lora == "merged":
-        return loss_fn
-
-    def unmerged(params, batch, rng):
-        with peft.lora_interceptor(params["lora"], alpha=float(rank), rank=rank):
-            return loss_fn({**params, "lora": {}}, batch, rng)
-
-    return unmerged
 
 
 def _rows(rng, parts_per_row, pad=PAD):
@@ -408,9 +394,9 @@ def discriminative_case(args) -> Case:
     params = {"base": base, "lora": peft.lora_init(base, jax.random.key(2), targets=disc.LORA_TARGETS, rank=r),
               "image_prompt": peft.soft_prompt_init(table, jnp.asarray(img_prompt)),
               "text_prompt": peft.soft_prompt_init(table, jnp.asarray(txt_prompt))}
-    loss_fn = disc.make_loss_fn(model, lora_alpha=float(r), lora_rank=r)
+    loss_fn = disc.make_loss_fn(model, lora_alpha=float(r), lora_rank=r, lora_impl=args.lora)
     groups = [("lora/.*", 1.0), ("(image|text)_prompt", 1.0)]  # configs/discriminative.py
-    run, fl, comp, n = jax_step_of(lora_form(args, loss_fn, r), params, groups, adamw(1e-4), to_jax(batch))
+    run, fl, comp, n = jax_step_of(loss_fn, params, groups, adamw(1e-4), to_jax(batch))
 
     tstep = None
     if not args.no_torch:
@@ -460,8 +446,8 @@ def vitask_case(args) -> Case:
               "connector": conn}
     forward = vitask_program.make_forward(model, connector, IMAGE_TOKEN)
     loss_fn = vitask_program.make_loss_fn(forward, stage=2, pad_id=PAD, lora_alpha=float(r), lora_rank=r, alpha=1.0,
-                                          beta=1.0, rda_direction="student_teacher")
-    run, fl, comp, n = jax_step_of(lora_form(args, loss_fn, r), params, [("lora/.*", 1.0)], adamw(1e-4),
+                                          beta=1.0, rda_direction="student_teacher", lora_impl=args.lora)
+    run, fl, comp, n = jax_step_of(loss_fn, params, [("lora/.*", 1.0)], adamw(1e-4),
                                    to_jax(batch))
 
     tstep = None
@@ -575,9 +561,9 @@ def main():
                         help="torch autocast dtype (default: --dtype)")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="LM layer remat policy")
     parser.add_argument("--attention", default=None, choices=("xla", "cudnn"), help="JAX attention implementation")
-    parser.add_argument("--lora", default="merged", choices=("merged", "unmerged"),
-                        help="JAX LoRA form: merged into the kernels (the methods' loss, default) or applied beside "
-                             "them (peft.lora_interceptor)")
+    parser.add_argument("--lora", default="unmerged", choices=("merged", "unmerged"),
+                        help="JAX LoRA form (the methods' lora_impl): beside the kernels (peft.lora_interceptor, "
+                             "the default) or merged into them")
     parser.add_argument("--torch-device", default=None, help="default: cuda if JAX runs on a GPU and torch has it")
     parser.add_argument("--no-torch", action="store_true", help="time the JAX steps only")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="override the peak FLOP/s (in TFLOP/s)")
