@@ -120,7 +120,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}")
 
 
 def _report(procs) -> str:

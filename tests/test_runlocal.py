@@ -14,7 +14,7 @@ METHODS = {"zeroshot", "tip_adapter", "tip_adapter_f", "dualadapter", "dualadapt
 
 def _launch(workdir, *overrides, devices=1, cache=None, arg="runlocal"):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
                VLM_JAX_CACHE=str(cache or os.path.join(workdir, "cache")))
     cmd = [sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--config=configs/dualadapter.py:{arg}",
            f"--workdir={workdir}", *overrides]
