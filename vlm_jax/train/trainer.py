@@ -363,6 +363,12 @@ def fit(
     progress = Progress(total_steps, what=name, every_s=log_every_s, start=step)
     multihost = jax.process_count() > 1
     with _sigterm_flag(handle_sigterm and workdir is not None and not multihost) as sigterm:
+        def preempted() -> bool:
+            # Multi-host: orbax's check syncs the hosts (all must call it at the same step) so they stop together.
+            if multihost:
+                return manager is not None and manager.reached_preemption(step)
+            return sigterm.is_set()
+
         start_epoch, skip = divmod(step, steps_per_epoch)
         for epoch in range(start_epoch, num_epochs):
             n = skip
@@ -378,10 +384,9 @@ def fit(
                     sums[k] = sums.get(k, 0.0) + float(v)
                 progress.update(step, {"loss": metrics["loss"]})
                 end_of_epoch = n == steps_per_epoch
-                if (sigterm.is_set() or (multihost and manager is not None and manager.reached_preemption(step))) \
-                        and not end_of_epoch:
+                if not end_of_epoch and preempted():   # at an epoch end, the epoch-end save comes first
                     save(sums)
-                    stop(Preempted(step, manager.directory if manager else None))
+                    stop(Preempted(step, manager.directory))
                 if checkpoint_every_steps and step % checkpoint_every_steps == 0 and not end_of_epoch:
                     save(sums)
             if n != steps_per_epoch:
@@ -402,9 +407,8 @@ def fit(
             if writer is not None:
                 writer.write(step, {k: v for k, v in row.items() if k != "epoch"}, prefix=f"{name}/")
             save({})
-            if sigterm.is_set() or (multihost and manager is not None and manager.reached_preemption(step)):
-                if epoch + 1 < num_epochs:
-                    stop(Preempted(step, manager.directory if manager else None))
+            if epoch + 1 < num_epochs and preempted():
+                stop(Preempted(step, manager.directory))
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
