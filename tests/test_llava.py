@@ -32,6 +32,10 @@ CASES = {
                          text_config=dict(model_type="qwen2", tie_word_embeddings=True, **TEXT),
                          vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True),
 }
+# SigLIP with 'default' (HF's value when a config leaves it unset): HF drops the first patch for any tower.
+SIGLIP_DEFAULT = dict(vision_config=dict(model_type="siglip_vision_model", **VISION),
+                      text_config=dict(model_type="qwen2", **TEXT), vision_feature_layer=-1,
+                      vision_feature_select_strategy="default")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -74,6 +78,22 @@ def test_logits_match_hf(hf_llava):
                                  jnp.asarray(pixels)))
     real = mask.astype(bool)
     np.testing.assert_allclose(out[real], ref[real], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_siglip_default_strategy_matches_hf(tmp_path):
+    config = transformers.LlavaConfig(image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu", **SIGLIP_DEFAULT)
+    torch.manual_seed(1)
+    hf = transformers.LlavaForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path)
+    model, params = llava_convert.from_pretrained(tmp_path)
+    assert model.cfg.tokens_per_image == (VISION["image_size"] // VISION["patch_size"]) ** 2 - 1
+    ids, mask, pixels = _batch(model.cfg.tokens_per_image, np.random.default_rng(3))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).logits.numpy()
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                                 jnp.asarray(pixels)))
+    np.testing.assert_allclose(out[mask.astype(bool)], ref[mask.astype(bool)], atol=1e-4, rtol=0)
 
 
 def test_greedy_generation_matches_hf(hf_llava):

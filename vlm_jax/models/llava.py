@@ -38,7 +38,8 @@ class LlavaConfig:
       text: the decoder's config.
       image_token_id: id of the image placeholder token.
       vision_feature_layer: index (or indices, concatenated on features) into the tower's hidden states.
-      select_strategy: 'default' drops the class token (CLIP), 'full' keeps every token.
+      select_strategy: 'default' drops the first token (CLIP's class token; a patch for SigLIP, as HF does),
+        'full' keeps every token.
       projector_act: activation between the projector's two linear layers ('gelu' in LLaVA-1.5).
       projector_bias: whether the projector's linear layers have biases.
     """
@@ -68,8 +69,9 @@ class LlavaConfig:
     def tokens_per_image(self) -> int:
         """Image features (= image tokens in the prompt) per image."""
         n = (self.vision.image_size // self.vision.patch_size) ** 2
-        # CLIP's hidden states carry a class token: 'default' drops it, 'full' keeps it.
-        return n + int(self.vision_type == "clip" and self.select_strategy == "full")
+        # CLIP's hidden states carry a class token, SigLIP's do not. 'default' drops the *first* state whatever
+        # the tower (HF's `[:, 1:]`; for SigLIP that is a patch), 'full' keeps every one.
+        return n + int(self.vision_type == "clip") - int(self.select_strategy == "default")
 
     @classmethod
     def from_hf(cls, config) -> "LlavaConfig":
@@ -187,7 +189,7 @@ class Llava(nn.Module):
         else:
             states = self.vision_tower.hidden_states(pixel_values)
         selected = [states[i] for i in c.layers]
-        if c.vision_type == "clip" and c.select_strategy == "default":
+        if c.select_strategy == "default":  # as HF: the first state goes for any tower (CLIP's class token)
             selected = [s[:, 1:] for s in selected]
         return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
 
