@@ -86,19 +86,54 @@ def test_load_image_inputs(tmp_path):
 
 
 def test_preprocess_settings(tmp_path):
+    with pytest.raises(ValueError, match="no image processor config"):  # never a silent 224-px default
+        pp.preprocess_settings(tmp_path)
     default = dict(size=224, crop_size=224, mean=pp.CLIP_MEAN, std=pp.CLIP_STD)
-    assert pp.preprocess_settings(tmp_path) == default
-    cfg = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336},
-           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    cfg = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 336},
+           "crop_size": {"height": 336, "width": 336}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     settings = pp.preprocess_settings(tmp_path)
     assert settings == dict(size=336, crop_size=336, mean=(0.5,) * 3, std=(0.25,) * 3)
     assert pp.clip_preprocess(_random_image(20, 30), **settings).shape == (336, 336, 3)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 288}))  # old int style
+    # Old CLIP checkpoints: a feature extractor and int sizes.
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"feature_extractor_type": "CLIPFeatureExtractor",
+                                                                   "size": 288}))
     assert pp.preprocess_settings(tmp_path) == dict(default, size=288)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 384, "width": 384}}))
-    with pytest.raises(ValueError, match="shortest-edge"):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor",
+                                                                   "size": {"height": 384, "width": 384}}))
+    with pytest.raises(ValueError, match="CLIP-style"):
         pp.preprocess_settings(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ViTImageProcessor"}))
+    with pytest.raises(ValueError, match="'ViTImageProcessor' is not supported; supported: CLIP"):
+        pp.image_settings(tmp_path)
+
+
+def _saved(processor, tmp_path, layout):
+    """A checkpoint dir holding `processor`'s config as the hub does (preprocessor_config.json) or as transformers
+    5's processor.save_pretrained does (inside processor_config.json)."""
+    processor.save_pretrained(tmp_path)
+    if layout == "processor_config":
+        pre = tmp_path / "preprocessor_config.json"
+        (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": json.loads(pre.read_text())}))
+        pre.unlink()
+    return tmp_path
+
+
+@pytest.mark.parametrize("layout", ["preprocessor_config", "processor_config"])
+@pytest.mark.parametrize("kind", ["clip336", "siglip384"])
+def test_image_settings_match_the_checkpoints_processor(tmp_path, kind, layout):
+    from transformers import SiglipImageProcessorPil
+
+    processor = (SlowCLIPProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+                 if kind == "clip336" else
+                 SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    settings = pp.image_settings(_saved(processor, tmp_path, layout))
+    for i, (h, w, mode) in enumerate([(300, 500, "RGB"), (501, 223, "RGBA"), (40, 37, "L")]):
+        image = _random_image(h, w, mode, seed=i)
+        ours = pp.preprocess_image(image, settings)
+        ref = _hf(processor, image)
+        assert ours.shape == ref.shape == ((336, 336, 3) if kind == "clip336" else (384, 384, 3))
+        assert np.abs(ours - ref).max() < 1e-6
 
 
 @pytest.mark.parametrize("h,w", [(224, 224), (300, 500), (400, 250), (37, 41)])

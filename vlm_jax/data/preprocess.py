@@ -7,6 +7,8 @@ never sees uint8 or PIL. Two transforms ship:
     (`CLIPImageProcessorPil` in transformers 5, the slow `CLIPImageProcessor` in 4.x): shortest-edge
     resize with PIL bicubic, center crop, rescale by 1/255, normalise. Output sizes, crop offsets and the
     float arithmetic follow transformers' code line by line, so the two agree to the last bit.
+- `preprocess_image` + `image_settings`: the same PIL path for any supported HF image processor config
+    (CLIP-style shortest-edge + crop, SigLIP-style height x width), read from the checkpoint itself.
 - `augment`: torchvision's `RandomResizedCrop(size, scale=(0.5, 1), interpolation=BICUBIC)` +
     `RandomHorizontalFlip(0.5)` + `ToTensor` + `Normalize`, the cache augmentation of Tip-Adapter and
     DualAdapter. The crop-parameter sampler is torchvision's algorithm (10 tries, then a center-crop
@@ -203,41 +205,155 @@ def augment(image: ImageLike, rng: np.random.Generator, size: int = 224,
     return _normalise(x, mean, std)
 
 
-def _side(value, key: str, path: str) -> int:
-    # `size` must be a shortest-edge resize (CLIP); `crop_size` a square crop. A {'height', 'width'} `size`
-    # means a plain square resize without crop, which clip_preprocess does not implement.
+# The image processors whose PIL path is reproduced here, with their class defaults for keys a config leaves out
+# (transformers 5's `CLIPImageProcessorPil` / `SiglipImageProcessorPil`; the Fast and plain names load the same
+# settings, and old CLIP checkpoints name a `CLIPFeatureExtractor`).
+_PROCESSOR_DEFAULTS = {
+    "clip": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                 image_mean=CLIP_MEAN, image_std=CLIP_STD),
+    "siglip": dict(size={"height": 224, "width": 224}, crop_size=None, do_center_crop=False,
+                   image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+}
+_PROCESSOR_TYPES = {f"{name}{suffix}": kind for name, kind in (("CLIPImageProcessor", "clip"),
+                                                                ("SiglipImageProcessor", "siglip"))
+                    for suffix in ("", "Fast", "Pil")}
+_PROCESSOR_TYPES["CLIPFeatureExtractor"] = "clip"
+_BICUBIC = 3
+
+
+def read_image_processor_config(checkpoint_dir: str | os.PathLike) -> tuple[dict, str]:
+    """The checkpoint's image-processor config, wherever the checkpoint keeps it.
+
+    Hub checkpoints keep it in `preprocessor_config.json`; transformers 5's `processor.save_pretrained` writes
+    it as the 'image_processor' entry of `processor_config.json` instead.
+
+    Returns:
+      (config dict, a description of where it was read, for messages).
+
+    Raises:
+      UserError: neither file holds one.
+    """
+    root = os.fspath(checkpoint_dir)
+    pre, proc = os.path.join(root, "preprocessor_config.json"), os.path.join(root, "processor_config.json")
+    if os.path.exists(pre):
+        return _read_json(pre), pre
+    if os.path.exists(proc):
+        cfg = _read_json(proc)
+        if isinstance(cfg.get("image_processor"), dict):
+            return cfg["image_processor"], f"{proc} ['image_processor']"
+    raise UserError(f"{root} has no image processor config (neither preprocessor_config.json nor an "
+                    f"'image_processor' entry in processor_config.json): copy the original checkpoint's processor "
+                    f"files into it (what `AutoProcessor.save_pretrained` writes)")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _size_dict(value, where: str, key: str) -> dict:
+    # transformers' get_size_dict(default_to_square=False), which both supported classes use: an int is the
+    # shortest edge; a crop size int is a square.
     if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        if "shortest_edge" in value and key == "size":
-            return int(value["shortest_edge"])
-        if key == "crop_size" and "height" in value and value.get("height") == value.get("width"):
-            return int(value["height"])
-    raise UserError(f"{path}: unsupported {key}={value!r}; clip_preprocess needs a shortest-edge size "
-                     f"and a square crop_size")
+        return {"height": value, "width": value} if key == "crop_size" else {"shortest_edge": value}
+    if isinstance(value, dict) and ("shortest_edge" in value and len(value) == 1 or
+                                    {"height", "width"} == set(value)):
+        return {k: int(v) for k, v in value.items()}
+    raise UserError(f"{where}: unsupported {key}={value!r}; supported: an int, {{'shortest_edge': n}} or "
+                    f"{{'height': h, 'width': w}}")
+
+
+def image_settings(checkpoint_dir: str | os.PathLike) -> dict:
+    """The preprocessing of a checkpoint's own HF image processor, as plain data (json-able, a cache key).
+
+    Supported: CLIPImageProcessor (shortest-edge resize + center crop) and SiglipImageProcessor (resize to
+    height x width, no crop), their Fast/Pil variants and CLIPFeatureExtractor; keys a config leaves out take the
+    class's defaults, as transformers does. Anything else is a UserError naming it.
+
+    Returns:
+      {'resize': {'shortest_edge': n} | {'height', 'width'} | None, 'crop': [h, w] | None, 'rescale': float | None,
+       'mean': [3] | None, 'std': [3] | None, 'resample': int, 'convert_rgb': bool}: the argument of
+      `preprocess_image`.
+    """
+    cfg, where = read_image_processor_config(checkpoint_dir)
+    name = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
+    kind = _PROCESSOR_TYPES.get(name)
+    if kind is None:
+        raise UserError(f"{where}: image processor {name!r} is not supported; supported: "
+                        f"{', '.join(sorted(_PROCESSOR_TYPES))}")
+    d = {**_PROCESSOR_DEFAULTS[kind], **{k: v for k, v in cfg.items() if v is not None}}
+    crop = None
+    if d.get("do_center_crop", False):
+        c = _size_dict(d["crop_size"], where, "crop_size")
+        if "height" not in c:
+            raise UserError(f"{where}: crop_size must be a height and width, got {d['crop_size']!r}")
+        crop = [c["height"], c["width"]]
+    return {
+        "resize": _size_dict(d["size"], where, "size") if d.get("do_resize", True) else None,
+        "crop": crop,
+        "rescale": float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else None,
+        "mean": [float(v) for v in d["image_mean"]] if d.get("do_normalize", True) else None,
+        "std": [float(v) for v in d["image_std"]] if d.get("do_normalize", True) else None,
+        "resample": int(d.get("resample", _BICUBIC)),
+        "convert_rgb": bool(d.get("do_convert_rgb", True)),
+    }
+
+
+def preprocess_image(image: ImageLike, settings: dict) -> np.ndarray:
+    """The HF image processor's PIL path (transformers' `PilBackend._preprocess`), bit-equal.
+
+    Args:
+      image: anything `load_image` accepts.
+      settings: `image_settings(checkpoint)`.
+
+    Returns:
+      f32[H, W, 3] (NHWC row of the model's pixel_values).
+    """
+    img = load_image(image)
+    resize = settings["resize"]
+    if resize is not None:
+        if "shortest_edge" in resize:
+            new_h, new_w = resize_shortest_edge_size(img.height, img.width, resize["shortest_edge"])
+        else:
+            new_h, new_w = resize["height"], resize["width"]
+        img = img.resize((new_w, new_h), resample=Image.Resampling(settings["resample"]))
+    arr = np.asarray(img)
+    if settings["crop"] is not None:
+        h, w = settings["crop"]
+        if h != w:
+            raise UserError(f"non-square center crops ({h}x{w}) are not supported")
+        arr = center_crop(arr, h)
+    x = arr
+    if settings["rescale"] is not None:
+        # transformers rescales in float64 then casts to float32; normalise then runs in float32.
+        x = (arr.astype(np.float64) * settings["rescale"]).astype(np.float32)
+    x = x.astype(np.float32)
+    if settings["mean"] is not None:
+        x = _normalise(x, settings["mean"], settings["std"])
+    return x
 
 
 def preprocess_settings(checkpoint_dir: str | os.PathLike) -> dict:
-    """Reads size, crop size, mean and std from `<checkpoint_dir>/preprocessor_config.json`.
-
-    Missing file or keys fall back to the CLIP defaults (224, 224, CLIP_MEAN, CLIP_STD).
+    """A CLIP tower's `clip_preprocess` keyword arguments, read with `image_settings`.
 
     Args:
-      checkpoint_dir: a Hugging Face checkpoint folder.
+      checkpoint_dir: a Hugging Face CLIP checkpoint folder.
 
     Returns:
-      {'size': int, 'crop_size': int, 'mean': tuple, 'std': tuple}: keyword arguments of `clip_preprocess`
-      (plain data, so it can also go into a json cache key).
+      {'size': int, 'crop_size': int, 'mean': tuple, 'std': tuple} (plain data, so it can also go into a json
+      cache key).
+
+    Raises:
+      UserError: no image-processor config, or one that is not a CLIP-style shortest-edge resize + square crop.
     """
-    path = os.path.join(os.fspath(checkpoint_dir), "preprocessor_config.json")
-    cfg = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            cfg = json.load(f)
-    # Without `crop_size` the HF processor keeps its class default (224), so do we.
-    return {
-        "size": _side(cfg["size"], "size", path) if "size" in cfg else 224,
-        "crop_size": _side(cfg["crop_size"], "crop_size", path) if "crop_size" in cfg else 224,
-        "mean": tuple(float(v) for v in cfg.get("image_mean", CLIP_MEAN)),
-        "std": tuple(float(v) for v in cfg.get("image_std", CLIP_STD)),
-    }
+    s = image_settings(checkpoint_dir)
+    resize, crop = s["resize"] or {}, s["crop"]
+    if ("shortest_edge" not in resize or crop is None or crop[0] != crop[1] or s["resample"] != _BICUBIC
+            or s["rescale"] is None or s["mean"] is None):
+        raise UserError(f"{checkpoint_dir}: this program needs a CLIP-style image processor (bicubic shortest-edge "
+                        f"resize, square center crop, rescale, normalise); the checkpoint's is {s}")
+    return {"size": int(resize["shortest_edge"]), "crop_size": int(crop[0]), "mean": tuple(s["mean"]),
+            "std": tuple(s["std"])}
