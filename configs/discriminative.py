@@ -36,11 +36,18 @@ def get_config(arg=None):
                   # a few-shot-layout classification dataset (zero-shot through the same embeddings).
                   retrieval_json="", retrieval_split="test", sugarcrepe="", sugarcrepe_images="",
                   winoground="", winoground_images="", classification="", classification_root="",
-                  tfds_data_dir="", text_len=64, long_len=160, batch_size=32)
+                  # text_len: padded length of a caption's row; long_len: of an image + long-caption row (0: the
+                  # image prompt, e.g. LLaVA-1.5's 576 image tokens, + the longest long caption, capped at
+                  # long_caption_max_tokens: the paper's long captions are 30-500 tokens). Checked against the
+                  # checkpoint before any work.
+                  tfds_data_dir="", text_len=64, long_len=0, long_caption_max_tokens=500, batch_size=32)
     # CLIP baseline on the same evaluation suite ('' to skip), e.g. openai/clip-vit-large-patch14-336.
     c.clip_checkpoint = ""
     c.method = dict(
-        chat_template="USER: {} ASSISTANT:",       # LLaVA-1.5's conversation format
+        # '' = the checkpoint's own chat template (what its HF processor renders); or a Jinja template, or a
+        # format with one '{}' for the user turn ('USER: {} ASSISTANT:'), for a checkpoint that has none.
+        chat_template="",
+        # image_prompt: the text after the image (the template places the image); text_prompt: '<sent>' = caption.
         image_prompt=disc.IMAGE_PROMPT, text_prompt=disc.TEXT_PROMPT,
         short_max_tokens=disc.SHORT_CAPTION_MAX_TOKENS,
         temperature=disc.DEFAULT_TEMPERATURE, learn_temperature=False, ntp_weight=1.0,
@@ -58,10 +65,10 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:
-        c.model.checkpoint = "builtin:tiny-llava"
+        c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths
         c.clip_checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin"
-        c.data.text_len, c.data.long_len, c.data.batch_size = 48, 160, 16
+        c.data.batch_size = 16
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0
         c.train.epochs, c.train.batch_size = 2, 16
         c.train.optim.lr = 3e-3

@@ -35,9 +35,11 @@ def get_config(arg=None):
     # a fixed permutation of its test split (0 = all);
     # modality: the word in image-folder datasets' instruction ('Analyze the given {modality} image. ...');
     # no_finding: a multi-label sample's answer when it has no positive label ('normal' -> 'normal.');
-    # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction).
+    # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction);
+    # chat_template: '' = the checkpoint's own (what its HF processor renders), or a Jinja template / a format with
+    # one '{}' for the user turn ('USER: {} ASSISTANT:') for a checkpoint without one.
     c.data = dict(name="dermamnist", root="", size=0, test_limit=0, eval_batch_size=8,
-                  chat_template="USER: {} ASSISTANT:", full_instruction=True, modality="medical",
+                  chat_template="", full_instruction=True, modality="medical",
                   no_finding="normal")
     # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
     # accum_steps: gradient accumulation (the batch in accum_steps microbatches); checkpoint_every_steps: besides
@@ -60,7 +62,7 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:
-        c.model.checkpoint = "builtin:tiny-llava"
+        c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths
         c.tsm.checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin_a,builtin_b"  # joint training offline: two disjoint 5-class halves of the photos
         c.data.test_limit, c.data.eval_batch_size = 20, 8  # per dataset

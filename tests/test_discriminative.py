@@ -65,13 +65,6 @@ def _positions(mask):
     return np.maximum(np.cumsum(mask, -1) - 1, 0)
 
 
-def test_build_prompt():
-    assert disc.build_prompt(disc.TEXT_PROMPT, "a dog") == "a dog\nSummary above sentence in one word:"
-    assert disc.build_prompt(disc.IMAGE_PROMPT) == disc.IMAGE_PROMPT
-    with pytest.raises(ValueError, match="sentence"):
-        disc.build_prompt(disc.TEXT_PROMPT)
-
-
 def test_last_token_embedding_left_and_right_padding():
     hidden = jnp.arange(3 * 5 * 2, dtype=jnp.float32).reshape(3, 5, 2)
     mask = jnp.array([[1, 1, 1, 0, 0],    # right-padded: last real token at 2

@@ -156,23 +156,36 @@ def to_hf(model: Llava, params, out_dir, *, dtype=None, extra_files=None) -> pat
     return loader.write_checkpoint(out_dir, tensors, config, extra_files)
 
 
-BUILTIN_CHECKPOINT = "builtin:tiny-llava"
+REPLICA_PREFIX = "replica:"
 
 
 def resolve_checkpoint(spec: str, cache_root: str, texts, config_file: str) -> str:
-    """A LLaVA checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or the toy 'builtin:tiny-llava'.
+    """A LLaVA checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or an offline replica
+    'replica:<name>' (`vlm_jax.testing.replicas`: 'replica:llava-1.5', 'replica:llava-interleave-qwen').
 
-    The toy model's tokenizer is trained on `texts` (the run's prompts), so its folder is keyed by them: a run with
-    other prompts never picks up a tokenizer that splits them differently. A missing checkpoint is one UserError
-    line that also points at `config_file`'s offline `:runlocal` default.
+    A replica's tokenizer is trained on `texts` (the run's prompts and captions), so its folder is keyed by them:
+    a run with other texts never picks up a tokenizer that splits them differently. A missing checkpoint is one
+    UserError line that also points at `config_file`'s offline `:runlocal` default.
     """
     from vlm_jax.errors import UserError
 
-    if spec == BUILTIN_CHECKPOINT:
-        path = pathlib.Path(cache_root) / f"tiny-llava-{texts_key(texts)}"
+    if spec.startswith(REPLICA_PREFIX):
+        from vlm_jax.testing import replicas
+
+        name = spec[len(REPLICA_PREFIX):]
+        if name not in replicas.REPLICAS:
+            raise UserError(f"unknown replica {spec!r}; known: "
+                            f"{', '.join(REPLICA_PREFIX + n for n in replicas.REPLICAS)}")
+        path = pathlib.Path(cache_root) / f"replica-{name}-{texts_key(texts)}"
         if not (path / "config.json").exists():
-            write_random_checkpoint(path, texts, image_size=32, patch_size=8)
+            try:
+                replicas.write_replica(name, path, texts)
+            except FileExistsError:  # another run wrote it first (the write is atomic): use theirs
+                pass
         return str(path)
+    if spec == "builtin:tiny-llava":
+        raise UserError("model.checkpoint='builtin:tiny-llava' was replaced by the offline replicas of the real "
+                        "checkpoints: use 'replica:llava-1.5' or 'replica:llava-interleave-qwen'")
     try:
         return str(loader.resolve_checkpoint(spec))
     except UserError as e:
@@ -180,46 +193,8 @@ def resolve_checkpoint(spec: str, cache_root: str, texts, config_file: str) -> s
 
 
 def texts_key(texts) -> str:
-    """A short stable key of a toy checkpoint's tokenizer corpus (for cache folder names)."""
+    """A short stable key of a replica's tokenizer corpus (for cache folder names)."""
     import hashlib
 
-    # The salt changes whenever write_random_checkpoint's weights do, so a stale cached toy is never reused.
-    return hashlib.sha256("\x00".join(["weights-v2", *texts]).encode()).hexdigest()[:12]
-
-
-def write_random_checkpoint(out_dir, texts, *, seed: int = 0, vision_type: str = "clip", image_size: int = 32,
-                            patch_size: int = 8, dtype=jnp.float32) -> pathlib.Path:
-    """A tiny random LLaVA with a BPE tokenizer trained on `texts`, as a complete offline HF checkpoint.
-
-    The directory holds config.json, model.safetensors, tokenizer files (with '<image>' as one token) and a
-    CLIP-style preprocessor_config.json: what the offline `:runlocal` runs and the tests load, through the
-    same code path as real checkpoints. Norms and biases are perturbed so the model is not degenerate.
-    """
-    import tempfile
-
-    from transformers import LlavaConfig as HFConfig
-
-    from vlm_jax.convert import clip as clip_convert_
-    from vlm_jax.data import tokenize
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = tokenize.build_offline_tokenizer(texts, tmp)
-        files = {f.name: f.read_bytes() for f in pathlib.Path(tmp).iterdir() if f.is_file()}
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=image_size, patch_size=patch_size)
-    vision = dict(model_type="clip_vision_model", hidden_act="quick_gelu", **tower) if vision_type == "clip" else \
-        dict(model_type="siglip_vision_model", vision_use_head=False, **tower)
-    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = HFConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-2 if vision_type == "clip" else -1,
-                      vision_feature_select_strategy="default" if vision_type == "clip" else "full")
-    model = Llava(LlavaConfig.from_hf(config), param_dtype=dtype)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), *model.init_inputs())["params"])
-    # numpy noise: jax.random per leaf would compile one small program per parameter shape (~40 s on 2 cores).
-    noise = np.random.default_rng(seed + 1)
-    params = jax.tree.map(lambda x: (np.asarray(x, np.float32) + 0.05 * noise.standard_normal(x.shape)).astype(
-        x.dtype), params)
-    files["preprocessor_config.json"] = clip_convert_.preprocessor_config(image_size)
-    return to_hf(model, params, out_dir, extra_files=files)
+    # The salt changes whenever the replicas' structure or weights do, so a stale cached one is never reused.
+    return hashlib.sha256("\x00".join(["replica-v1", *texts]).encode()).hexdigest()[:12]

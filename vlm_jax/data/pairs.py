@@ -1,9 +1,11 @@
-"""Image-text pairs -> fixed-shape token batches for the discriminative LVLM method (`methods/discriminative`).
+"""Image-text pairs -> fixed-shape token batches for the discriminative method (`methods/discriminative`).
 
-Each prompt is tokenized piecewise — chat-template prefix, image tokens or caption, the handcrafted prompt,
-template suffix — and the pieces concatenated, so the prompt's token span (where a soft prompt goes) is known
-exactly instead of searched for. Shapes are static: every image prompt has the same length, text and long
-captions are right-padded (and truncated) to the config's lengths, so the train step compiles once.
+Every prompt is what the checkpoint's own processor feeds the model (`data.chat`): the user turn rendered with
+the chat template and tokenized whole, the image placeholder expanded to the image tokens. The span that a soft
+prompt replaces is found from the tokenizer's character offsets: the P tokens that end where the handcrafted
+prompt ends (P = the prompt's length in the image row, or in a reference caption's text row), so every id outside
+that span is the processor's. Shapes are static: every image prompt has the same length, text and long captions
+are right-padded (and truncated) to the config's lengths, so the train step compiles once.
 """
 
 from __future__ import annotations
@@ -13,86 +15,112 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vlm_jax.data import chat
 from vlm_jax.errors import UserError
 
-IMAGE_PLACEHOLDER, SENTENCE_PLACEHOLDER = "<image>", "<sent>"
+SENTENCE_PLACEHOLDER = "<sent>"
+_REFERENCE_CAPTION = "a photo of a cat"  # fixes the text prompt's token length P_text
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
-    """How prompts are laid out for one tokenizer and model.
+    """The handcrafted prompts and the lengths of one run.
 
     Attributes:
-      chat_template: text with one '{}' where the user turn goes, e.g. LLaVA-1.5's 'USER: {} ASSISTANT:'.
-      image_prompt: handcrafted prompt starting with '<image>' (E5-V: '<image>\\nSummary above image in one word:').
-      text_prompt: handcrafted prompt starting with '<sent>'.
-      tokens_per_image: image tokens one '<image>' expands to.
-      image_token_id: their id.
+      image_prompt: the text that follows the image in the user turn (E5-V: 'Summary above image in one word:';
+        the chat template places the image, e.g. LLaVA-1.5's 'USER: <image>\n... ASSISTANT:').
+      text_prompt: the user turn of a caption, '<sent>' marking the caption
+        ('<sent>\nSummary above sentence in one word:').
       short_max_tokens: captions with fewer tokens feed the contrastive loss, the others the NTP loss.
       text_len, long_len: padded lengths of the text and long-caption sequences.
     """
 
-    chat_template: str
     image_prompt: str
     text_prompt: str
-    tokens_per_image: int
-    image_token_id: int
     short_max_tokens: int = 30
     text_len: int = 64
     long_len: int = 128
 
     def __post_init__(self):
-        if self.chat_template.count("{}") != 1:
-            raise UserError(f"chat_template must contain one '{{}}' where the prompt goes, got {self.chat_template!r}")
-        if not self.image_prompt.startswith(IMAGE_PLACEHOLDER):
-            raise UserError(f"image_prompt must start with {IMAGE_PLACEHOLDER!r}, got {self.image_prompt!r}")
-        if not self.text_prompt.startswith(SENTENCE_PLACEHOLDER):
-            raise UserError(f"text_prompt must start with {SENTENCE_PLACEHOLDER!r}, got {self.text_prompt!r}")
+        if chat.IMAGE_PLACEHOLDER in self.image_prompt:
+            raise UserError(f"image_prompt {self.image_prompt!r} holds {chat.IMAGE_PLACEHOLDER!r}: the chat template "
+                            "places the image now; give only the text after it, e.g. 'Summary above image in one "
+                            "word:'")
+        if not self.image_prompt.strip():
+            raise UserError("image_prompt is empty")
+        if not self.text_prompt.startswith(SENTENCE_PLACEHOLDER) or not self.text_prompt[len(SENTENCE_PLACEHOLDER):]:
+            raise UserError(f"text_prompt must start with {SENTENCE_PLACEHOLDER!r} and continue with the prompt, "
+                            f"got {self.text_prompt!r}")
 
 
 class Tokens:
-    """Piecewise tokenization with a HF tokenizer: no special tokens inside, BOS once at the start."""
+    """The discriminative method's rows, as the checkpoint's processor tokenizes them.
 
-    def __init__(self, tokenizer, spec: PromptSpec):
-        self.tok, self.spec = tokenizer, spec
-        pre, post = spec.chat_template.split("{}")
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self.prefix = bos + self.encode(pre)
-        self.suffix = self.encode(post)
-        self.image_prompt = self.encode(spec.image_prompt[len(IMAGE_PLACEHOLDER):])
-        self.text_prompt = self.encode(spec.text_prompt[len(SENTENCE_PLACEHOLDER):])
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+    Attributes:
+      image_prompt / text_prompt: ids of the handcrafted prompt spans (what the soft prompts start from).
+      eos, pad: token ids.
+    """
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False).input_ids) if text else []
+    def __init__(self, fmt: chat.ChatFormat, spec: PromptSpec):
+        self.fmt, self.tok, self.spec = fmt, fmt.tok, spec
+        rendered = fmt.render(spec.image_prompt, image=True)
+        ids, offsets = fmt.encode(rendered)
+        at = rendered.rfind(spec.image_prompt)
+        lo, hi = chat.span(offsets, at, at + len(spec.image_prompt))
+        self._image = (ids, lo)
+        self.image_prompt = ids[lo:hi]
+        ref_ids, ref_start, _ = self._text(_REFERENCE_CAPTION, exact_span=True)
+        self.text_prompt = ref_ids[ref_start:ref_start + self._p_text]
+        self.eos, self.pad = fmt.eos_id, fmt.pad_id
 
     def image_row(self) -> tuple[list[int], int]:
-        """(ids, prompt start) of [prefix, image tokens, image prompt, suffix]; the same for every image."""
-        image = [self.spec.image_token_id] * self.spec.tokens_per_image
-        start = len(self.prefix) + len(image)
-        return self.prefix + image + self.image_prompt + self.suffix, start
+        """(ids, prompt start) of the image prompt; the same for every image."""
+        return self._image
+
+    def _text(self, caption: str, exact_span: bool = False) -> tuple[list[int], int, int]:
+        """(ids, soft-prompt start, index of the caption's first token) of one caption's user turn."""
+        user = self.spec.text_prompt.replace(SENTENCE_PLACEHOLDER, caption, 1)
+        rendered = self.fmt.render(user, image=False)
+        at = rendered.rfind(user)
+        ids, offsets = self.fmt.encode(rendered)
+        lo, hi = chat.span(offsets, at + len(caption), at + len(user))
+        if exact_span:
+            self._p_text = hi - lo
+        # The soft prompt is the P tokens that end where the prompt ends: a token merging the caption's last
+        # characters with the prompt's first (BPE's '.\n') stays inside it, and every id outside is HF's.
+        start = hi - self._p_text
+        first = chat.span(offsets, at, at + max(len(caption), 1))[0] if caption else start
+        return ids, start, min(first, start)
 
     def text_row(self, caption: str) -> tuple[list[int], int]:
-        """(ids, prompt start) of [prefix, caption, text prompt, suffix], the caption truncated to fit text_len."""
-        room = self.spec.text_len - len(self.prefix) - len(self.text_prompt) - len(self.suffix)
-        if room < 1:
-            raise UserError(f"data.text_len={self.spec.text_len} leaves no room for the caption next to the prompt")
-        cap = self.encode(caption)[:room]
-        return self.prefix + cap + self.text_prompt + self.suffix, len(self.prefix) + len(cap)
+        """(ids, prompt start) of a caption's user turn, the caption cut (at a token) so the row fits text_len."""
+        ids, start, first = self._text(caption)
+        for _ in range(4):
+            excess = len(ids) - self.spec.text_len
+            if excess <= 0:
+                return ids, start
+            keep = start - first - excess  # caption tokens that fit
+            if keep < 1:
+                raise UserError(f"data.text_len={self.spec.text_len} leaves no room for a caption next to the "
+                                f"{len(ids) - (start - first)} tokens of the text prompt")
+            cut = self.tok(caption, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            caption = caption[:cut[min(keep, len(cut)) - 1][1]]
+            ids, start, first = self._text(caption)
+        raise UserError(f"cannot cut caption {caption[:40]!r}... to data.text_len={self.spec.text_len} tokens")
 
     def long_row(self, caption: str) -> tuple[list[int], list[int]]:
-        """(ids, loss mask) of [image row, caption, EOS]: the NTP target is the caption (and EOS)."""
+        """(ids, loss mask) of [image prompt, answer separator + caption + EOS]: the NTP target is the caption and
+        EOS, generated after the image prompt as the assistant's answer."""
         ids, _ = self.image_row()
-        cap = self.encode(" " + caption) + ([self.eos] if self.eos is not None else [])
+        cap = self.fmt.answer_ids(self.spec.image_prompt, True, caption)
         cap = cap[:max(self.spec.long_len - len(ids), 0)]
         if not cap:
             raise UserError(f"data.long_len={self.spec.long_len} leaves no room for a long caption after the "
-                            f"{len(ids)} tokens of the image prompt")
+                            f"{len(ids)} tokens of the image prompt: use at least {len(ids) + 30}")
         return ids + cap, [0] * len(ids) + [1] * len(cap)
 
     def num_tokens(self, caption: str) -> int:
-        return len(self.encode(caption))
+        return len(self.tok(caption, add_special_tokens=False).input_ids)
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,11 +16,12 @@ Composition inside a jitted loss (what `make_loss_fn` does):
     txt = text_embedding(model, params, text_ids, text_mask, prompt=text_prompt, prompt_start=text_start)
     loss, metrics = info_nce(img, txt, temperature=0.05, valid=has_short)
 
-Prompts: `build_prompt(TEXT_PROMPT, caption)` substitutes the caption and `IMAGE_PROMPT` keeps `<image>` for the
-HF processor to expand to one token per image feature. Chat templating (e.g. LLaVA-1.5's "USER: ... ASSISTANT:")
-and tokenization are the data pipeline's job, as is locating the prompt span (`peft.find_span` on the
-handcrafted prompt's ids gives `*_prompt_start`). Soft prompts replace that span in place (`peft.replace_span`),
-so shapes, masks and positions never change and an untrained prompt reproduces the handcrafted one exactly.
+Prompts: the image prompt is the text after the image in the user turn, the text prompt a user turn with
+`<sent>` for the caption; the data pipeline (`data.pairs`, `data.chat`) renders them with the checkpoint's chat
+template and tokenizes them whole, as the HF processor does (LLaVA-1.5: 'USER: <image>\nSummary above image in
+one word: ASSISTANT:', E5-V's prompt), and finds the soft-prompt span from character offsets (`*_prompt_start`).
+Soft prompts replace that span in place (`peft.replace_span`), so shapes, masks and positions never change and
+an untrained prompt reproduces the handcrafted one exactly.
 
 Distribution: every function is written on the *global* batch. Under `jax.jit` with the batch sharded over the
 mesh's ('data', 'fsdp') axes, the [B, B] similarity matrix of `info_nce` spans the global batch: XLA's SPMD
@@ -43,7 +44,7 @@ from vlm_jax.models import peft
 PyTree = Any
 
 # E5-V's prompts (the closest public method; VladVA's are not published).
-IMAGE_PROMPT = "<image>\nSummary above image in one word:"
+IMAGE_PROMPT = "Summary above image in one word:"  # after the image, which the chat template places
 TEXT_PROMPT = "<sent>\nSummary above sentence in one word:"
 DEFAULT_TEMPERATURE = 0.05  # E5-V (fixed); VLM2Vec uses 0.02
 SHORT_CAPTION_MAX_TOKENS = 30  # captions shorter than this feed the contrastive loss, the others the NTP loss
@@ -55,15 +56,6 @@ LORA_TARGETS = (r"language_model/.*/(q_proj|k_proj|v_proj|gate_proj|up_proj|down
                 (r"language_model/.*/o_proj/kernel", 2))
 # Stands in for -inf on padded columns: exp underflows to exactly 0, yet a fully padded batch stays NaN-free.
 _NEG = -1e9
-
-
-def build_prompt(template: str, sentence: str | None = None) -> str:
-    """Fills `<sent>` of a prompt template with the caption; `<image>` is kept for the processor to expand."""
-    if "<sent>" in template:
-        if sentence is None:
-            raise ValueError(f"template {template!r} needs a sentence for <sent>")
-        return template.replace("<sent>", sentence)
-    return template
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +114,7 @@ def text_embedding(model, params: PyTree, input_ids: jax.Array, attention_mask: 
     Args:
       model: a `Llava` (its LM is used; the vision tower never runs) or a `CausalLM`.
       params: its params (LoRA merged by the caller if any).
-      input_ids, attention_mask: i32[B, L] tokenized `build_prompt(TEXT_PROMPT, caption)` (chat-templated).
+      input_ids, attention_mask: i32[B, L] a caption's chat-templated TEXT_PROMPT (`data.pairs`).
       prompt, prompt_start: as `image_embedding`, with the text side's soft prompt.
 
     Returns:
@@ -313,11 +305,11 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
       Train with param_groups like [('lora/.*', 1.0), ('(image|text)_prompt', 1.0)]: 'base/...' stays frozen.
 
     Batch (global batch B, one image per sample; all rows may be left- or right-padded):
-      image_ids i32[B, Li], image_mask i32[B, Li]: chat-templated IMAGE_PROMPT with `<image>` expanded to
+      image_ids i32[B, Li], image_mask i32[B, Li]: chat-templated IMAGE_PROMPT with the image placeholder expanded to
         tokens_per_image image tokens.
       pixel_values f32[B, H, W, 3]: the sample's image (also the image of long_ids' image tokens).
       image_prompt_start i32[B]: start of the image prompt's span in image_ids (-1: none).
-      text_ids i32[B, Lt], text_mask i32[B, Lt]: chat-templated build_prompt(TEXT_PROMPT, short caption).
+      text_ids i32[B, Lt], text_mask i32[B, Lt]: chat-templated TEXT_PROMPT of the short caption.
       text_prompt_start i32[B]: start of the text prompt's span in text_ids.
       long_ids i32[B, Ll], long_mask i32[B, Ll]: [image + image prompt] followed by the long caption.
       long_loss_mask i32[B, Ll]: 1 on the long caption's tokens (the NTP targets).

@@ -40,6 +40,7 @@ untrained prompt reproduce the handcrafted one exactly; `find_span` locates the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from typing import Any, Iterator, Sequence
@@ -235,6 +236,32 @@ def _input_axes(module: nn.Module, ndim: int) -> int | None:
     if module.batch_dims or axis != list(range(ndim - len(axis), ndim)):
         return None  # contracting non-trailing axes: not a LoRA-able layout
     return len(axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModel:
+    """`model` applied with LoRA unmerged, as training applies it: params are {'base': ..., 'lora': ...}.
+
+    Anything that calls `model.apply({'params': p}, ..., method=...)` (embedding, likelihood ranking, greedy
+    decoding) runs the adapted model with this wrapper in place of the model, and the adapters stay traced
+    arguments, so evaluating another LoRA reuses the compiled program. Merging instead (`lora_merge`) would round
+    W + s A B to a bf16 base's dtype: not the model that was trained. Other attributes (`cfg`, `init_cache`,
+    `scan_layers`, ...) are the model's.
+    """
+
+    model: Any
+    alpha: float
+    rank: int
+
+    def apply(self, variables, *args, **kwargs):
+        params = variables["params"]
+        with lora_interceptor(params["lora"], alpha=self.alpha, rank=self.rank):
+            return self.model.apply({"params": params["base"]}, *args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ results.md, metrics.jsonl, checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -20,9 +21,10 @@ from absl import logging
 
 from vlm_jax import errors
 from vlm_jax.convert import llava as llava_convert
+from vlm_jax.convert import loader
 from vlm_jax.data import captions as captions_lib
 from vlm_jax.data import features as feats
-from vlm_jax.data import pairs, preprocess, tokenize
+from vlm_jax.data import chat, pairs, preprocess, tokenize
 from vlm_jax.eval import report, retrieval
 from vlm_jax.eval import suite as eval_suite
 from vlm_jax.methods import discriminative as disc
@@ -82,6 +84,11 @@ def load_pairs(dc):
 
 def _load(item, pp) -> np.ndarray:
     src = item.array if getattr(item, "array", None) is not None else getattr(item, "path", item)
+    return preprocess.preprocess_image(src, pp)
+
+
+def _load_clip(item, pp) -> np.ndarray:
+    src = item.array if getattr(item, "array", None) is not None else getattr(item, "path", item)
     return preprocess.clip_preprocess(preprocess.load_image(src), **pp)
 
 
@@ -100,29 +107,39 @@ def _batched(fn, items, make, mesh, batch_size) -> np.ndarray:
     return np.concatenate(out)
 
 
-def lvlm_embedders(model, params, tokens, pp, mesh, batch_size, image_prompt=None, text_prompt=None):
-    """(embed_images, embed_texts) of the LVLM's summary token, with optional soft prompts."""
+def lvlm_embedders(model, base, tokens, pp, mesh, batch_size, lora=None, lora_kw=None, image_prompt=None,
+                   text_prompt=None):
+    """(embed_images, embed_texts) of the LVLM's summary token, with optional LoRA and soft prompts.
+
+    LoRA is applied unmerged, exactly as the training forward applies it (`peft.LoraModel`): the model evaluated
+    is the model trained, also with a bf16 base (a merge would round W + s A B to bf16).
+    """
     # Trained prompts come back from the trainer as host (numpy) arrays; inside jit they must be jax arrays.
     image_prompt = None if image_prompt is None else jnp.asarray(image_prompt)
     text_prompt = None if text_prompt is None else jnp.asarray(text_prompt)
+    if lora:
+        model, params = peft.LoraModel(model, **lora_kw), {"base": base, "lora": lora}
+    else:
+        params = base
 
     @jax.jit
-    def img_fn(batch):
+    def img_fn(params, batch):
         return disc.image_embedding(model, params, batch["input_ids"], batch["attention_mask"],
                                     batch["pixel_values"], prompt=image_prompt,
                                     prompt_start=None if image_prompt is None else batch["prompt_start"])
 
     @jax.jit
-    def txt_fn(batch):
+    def txt_fn(params, batch):
         return disc.text_embedding(model, params, batch["input_ids"], batch["attention_mask"], prompt=text_prompt,
                                    prompt_start=None if text_prompt is None else batch["prompt_start"])
 
     def embed_images(items):
-        return _batched(img_fn, items, lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])),
-                        mesh, batch_size)
+        return _batched(lambda b: img_fn(params, b), items,
+                        lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])), mesh, batch_size)
 
     def embed_texts(texts):
-        return _batched(txt_fn, texts, lambda cs: pairs.text_batch(tokens, cs), mesh, batch_size)
+        return _batched(lambda b: txt_fn(params, b), texts, lambda cs: pairs.text_batch(tokens, cs), mesh,
+                        batch_size)
 
     return embed_images, embed_texts
 
@@ -135,7 +152,7 @@ def clip_embedders(checkpoint: str, mesh, batch_size):
 
     def embed_images(items):
         return _batched(lambda x: bb.encode_image(bb.params, x), items,
-                        lambda xs: np.stack([_load(x, bb.pp) for x in xs]), mesh, batch_size)
+                        lambda xs: np.stack([_load_clip(x, bb.pp) for x in xs]), mesh, batch_size)
 
     def embed_texts(texts):
         def make(cs):
@@ -175,13 +192,44 @@ def build_suite(dc) -> eval_suite.Suite:
 # ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
+def prompt_tokens(ckpt: str, mc, dc, tok, cfg) -> pairs.Tokens:
+    """The run's prompt format from the checkpoint (its chat template unless method.chat_template is set)."""
+    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, mc.chat_template, tok), cfg.tokens_per_image,
+                          cfg.image_token_id, chat.image_token(ckpt))
+    spec = pairs.PromptSpec(image_prompt=mc.image_prompt, text_prompt=mc.text_prompt,
+                            short_max_tokens=mc.short_max_tokens, text_len=dc.text_len, long_len=dc.long_len)
+    return pairs.Tokens(fmt, spec)
+
+
+def check_lengths(tokens: pairs.Tokens, dc, longs) -> int:
+    """The long-caption row length: data.long_len, or (0) the image prompt + the longest long caption's tokens
+    (answer separator and EOS included) capped at data.long_caption_max_tokens. A length that cannot hold the
+    image prompt plus a caption token, or a text_len that cannot hold the text prompt, is a UserError naming the
+    key and a value that works — before anything is evaluated or trained."""
+    n_image = len(tokens.image_row()[0])
+    cap = int(dc.long_caption_max_tokens)
+    if cap < 1:
+        raise errors.UserError(f"data.long_caption_max_tokens must be >= 1, got {cap}")
+    need = max([min(len(tokens.fmt.answer_ids(tokens.spec.image_prompt, True, c)), cap) for c in longs] or [1])
+    if int(dc.long_len) == 0:
+        long_len = n_image + need
+    else:
+        long_len = int(dc.long_len)
+        if long_len < n_image + 1:
+            raise errors.UserError(
+                f"data.long_len={long_len} cannot hold the {n_image} tokens of the image prompt "
+                f"({tokens.fmt.tokens_per_image} image tokens) and a caption: use data.long_len={n_image + need} "
+                f"(or 0: derived from the data)")
+    tokens.text_row("a")  # raises when data.text_len leaves no room for a caption next to the text prompt
+    return long_len
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dc, mc, tc = config.data, config.method, config.train
     cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
     train_pairs, extra_texts = load_pairs(dc)
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
-    texts = [mc.chat_template.replace("{}", mc.image_prompt), mc.chat_template.replace("{}", mc.text_prompt)]
-    texts += [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
+    texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
     ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
                                           "configs/discriminative.py")
     clip_ckpt = None
@@ -190,24 +238,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         clip_ckpt = fewshot_clip.resolve_checkpoint(config.clip_checkpoint, os.path.join(cache_root, "models"),
                                                     "configs/discriminative.py")
 
+    # Everything the config and the checkpoint must agree on, before the workdir gets anything.
+    cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
+    tok = tokenize.load_tokenizer(ckpt)
+    pp = preprocess.image_settings(ckpt)
+    tokens = prompt_tokens(ckpt, mc, dc, tok, cfg)
+    split = [pairs.split_captions(tokens, (s, l)) for _, s, l in train_pairs]
+    long_len = check_lengths(tokens, dc, [l for _, l in split if l])
+    tokens = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=long_len))
+    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
+    bs = max(div, min(tc.batch_size, n) // div * div)
+    k = mc.get("microbatches", 1)
+    if k < 1 or bs % (k * div):
+        raise errors.UserError(f"method.microbatches={k} needs a training batch ({bs}) divisible by {k} x the "
+                               f"{div} data-parallel devices: change train.batch_size or method.microbatches")
+    steps_per_epoch = n // bs
+
     os.makedirs(workdir, exist_ok=True)
     report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-    model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
-                                                param_dtype=jnp.dtype(config.model.get("param_dtype") or
-                                                                      config.model.dtype))
     # Placed by the weights' logical axis names: replicated on the default data-parallel mesh, sharded when the
     # mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1 --config.mesh.data=1`), so that no device needs the
     # whole LVLM. The trainer keeps this layout.
+    model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
+                                                param_dtype=jnp.dtype(config.model.get("param_dtype") or
+                                                                      config.model.dtype))
     base = mesh_lib.shard_params(base, model, model.init_inputs(), mesh)
-    tok = tokenize.load_tokenizer(ckpt)
-    pp = preprocess.preprocess_settings(ckpt)
-    spec = pairs.PromptSpec(chat_template=mc.chat_template, image_prompt=mc.image_prompt, text_prompt=mc.text_prompt,
-                            tokens_per_image=model.cfg.tokens_per_image, image_token_id=model.cfg.image_token_id,
-                            short_max_tokens=mc.short_max_tokens, text_len=dc.text_len, long_len=dc.long_len)
-    tokens = pairs.Tokens(tok, spec)
-    logging.info("LLaVA %s: %d train pairs, %d image tokens per image", ckpt, len(train_pairs),
-                 spec.tokens_per_image)
+    logging.info("LLaVA %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
+                 ckpt, n, cfg.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
 
     rows: dict[str, dict[str, float]] = {}
     if clip_ckpt:
@@ -227,16 +285,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if mc.learn_temperature:
         params["log_temperature"] = disc.init_log_temperature(mc.temperature)
     loss_fn = disc.make_loss_fn(model, lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank, temperature=mc.temperature,
-                                ntp_weight=mc.ntp_weight, microbatches=mc.get("microbatches", 1))
-
-    split = [pairs.split_captions(tokens, (s, l)) for _, s, l in train_pairs]
-    n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
-    bs = max(div, min(tc.batch_size, n) // div * div)
-    k = mc.get("microbatches", 1)
-    if bs % (k * div):
-        raise errors.UserError(f"method.microbatches={k} needs a training batch ({bs}) divisible by {k} x the "
-                               f"{div} data-parallel devices: change train.batch_size or method.microbatches")
-    steps_per_epoch = n // bs
+                                ntp_weight=mc.ntp_weight, microbatches=k)
 
     def epoch_batches(epoch):
         order = np.random.default_rng([config.rng_seed, epoch]).permutation(n)
@@ -253,14 +302,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       checkpoint_every_steps=tc.get("checkpoint_every_steps", 0))
     writer.close()
     trained = fit.best_params
-    weights = peft.lora_merge(base, trained["lora"], alpha=mc.lora_alpha, rank=mc.lora_rank)
     rows["VladVA (soft prompts + LoRA)"] = eval_suite.evaluate(suite, *lvlm_embedders(
-        model, weights, tokens, pp, mesh, dc.batch_size, trained["image_prompt"], trained["text_prompt"]))
+        model, base, tokens, pp, mesh, dc.batch_size, trained["lora"],
+        dict(alpha=mc.lora_alpha, rank=mc.lora_rank), trained["image_prompt"], trained["text_prompt"]))
 
     present = set().union(*(r.keys() for r in rows.values()))
     metrics = {k: h for k, h in TABLE_COLUMNS.items() if k in present}
     md = retrieval.format_table(rows, metrics, title=f"zero-shot evaluation (%), {os.path.basename(ckpt)}")
-    out = {"checkpoint": ckpt, "train_pairs": n, "history": fit.history, "results": rows}
+    out = {"checkpoint": ckpt, "train_pairs": n, "long_len": long_len, "history": fit.history, "results": rows}
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
     if mesh_lib.is_primary():

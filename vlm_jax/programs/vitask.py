@@ -24,8 +24,10 @@ each sample with its own dataset's instruction:
 (results.json: results[row]['datasets'][name] / results[row]['mean']; results.md: one table, rows = methods,
 two columns per dataset, plus a table of unmatched answers; metrics.jsonl; checkpoints).
 
-Sequences (tokenized piecewise, right-padded to one length): [BOS, 'USER: ', image tokens, '\\n' + instruction,
-' ASSISTANT:', ' ' + response, EOS]; answer_mask is 1 on the response and EOS tokens. Evaluation prompts are
+Sequences (right-padded to one length): the generation prompt of (image, instruction) rendered with the
+checkpoint's chat template and tokenized whole, then the template's answer separator + response + EOS
+(`data.chat`: LLaVA-1.5 '... ASSISTANT: <response></s>', ChatML '...assistant\\n<response><|im_end|>'); ids equal
+the HF processor's; answer_mask is 1 on the response and EOS tokens. Evaluation prompts are
 left-padded to the longest dataset prompt instead, so every dataset shares one compiled shape.
 
 CRT negatives: in each training batch, sample i's negative image is that of sample (i + s) mod B for the smallest
@@ -55,8 +57,9 @@ from absl import logging
 from vlm_jax import errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import llava as llava_convert
+from vlm_jax.convert import loader
 from vlm_jax.data import features as feats
-from vlm_jax.data import medmnist, preprocess, tokenize, vitask_tasks
+from vlm_jax.data import chat, medmnist, preprocess, tokenize, vitask_tasks
 from vlm_jax.eval import report, retrieval
 from vlm_jax.methods import discriminative as disc
 from vlm_jax.methods import tsm as tsm_lib
@@ -76,8 +79,8 @@ def _source(example):
 
 
 def _pixels(examples, idx, pp) -> np.ndarray:
-    return feats.load_all(lambda j: preprocess.clip_preprocess(preprocess.load_image(_source(examples[j])), **pp),
-                          idx)
+    """f32[len(idx), H, W, 3]: examples[idx] through the HF image processor settings `pp` (`image_settings`)."""
+    return feats.load_all(lambda j: preprocess.preprocess_image(_source(examples[j]), pp), idx)
 
 
 def _batch_size(want: int, n: int, mesh) -> int:
@@ -116,34 +119,29 @@ def _sha(tree) -> str:
 # Tokens.
 
 class Seqs:
-    """Piecewise tokenization of [BOS, pre, image tokens, '\\n' + instruction_d, post, ' ' + response, EOS].
+    """Token rows [generation prompt of (image, instruction_d), answer separator + response, EOS], exactly as the
+    checkpoint's processor tokenizes them (`data.chat`: its chat template, the whole string tokenized).
 
     Args:
-      tok: the LVLM's tokenizer.
-      template: the chat template, '{}' marking the user turn ('USER: {} ASSISTANT:').
+      fmt: the checkpoint's `chat.ChatFormat`.
       instructions: one per dataset d.
       responses: every response a row may hold (fixes the answer length A and so the sequence length L).
     """
 
-    def __init__(self, tok, template: str, instructions: Sequence[str], responses: Sequence[str],
-                 tokens_per_image: int, image_token_id: int):
-        pre, post = template.split("{}")
-        self._enc = lambda t: list(tok(t, add_special_tokens=False).input_ids) if t else []
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        self.eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        self.prompts = [bos + self._enc(pre) + [image_token_id] * tokens_per_image + self._enc("\n" + ins) +
-                        self._enc(post) for ins in instructions]
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self._answers: dict[str, list[int]] = {}
-        self.answer_length = max(len(self.answer(r)) for r in set(responses))
+    def __init__(self, fmt: chat.ChatFormat, instructions: Sequence[str], responses: Sequence[str]):
+        self.fmt, self.instructions = fmt, list(instructions)
+        self.prompts = [fmt.prompt(ins, image=True) for ins in instructions]
+        self.pad = fmt.pad_id
+        self._answers: dict[tuple[int, str], list[int]] = {}
+        self.answer_length = max(len(self.answer(d, r)) for d in range(len(instructions)) for r in set(responses))
         self.prompt_length = max(len(p) for p in self.prompts)
         self.length = self.prompt_length + self.answer_length
 
-    def answer(self, text: str) -> list[int]:
-        """Token ids of ' ' + text + EOS (memoised: a joint task has few distinct answers)."""
-        if text not in self._answers:
-            self._answers[text] = self._enc(" " + text) + self.eos
-        return self._answers[text]
+    def answer(self, d: int, text: str) -> list[int]:
+        """Token ids of the response `text` (+ EOS) after dataset d's prompt (memoised: few distinct answers)."""
+        if (d, text) not in self._answers:
+            self._answers[d, text] = self.fmt.answer_ids(self.instructions[d], True, text)
+        return self._answers[d, text]
 
     def rows(self, datasets, responses) -> dict[str, np.ndarray]:
         """Teacher-forcing rows, right-padded: {'input_ids', 'attention_mask', 'answer_mask'} i32[B, L]."""
@@ -151,7 +149,7 @@ class Seqs:
         out = {k: np.zeros((b, self.length), np.int32) for k in ("input_ids", "attention_mask", "answer_mask")}
         out["input_ids"][:] = self.pad
         for i, (d, r) in enumerate(zip(datasets, responses)):
-            p, a = self.prompts[d], self.answer(r)
+            p, a = self.prompts[d], self.answer(int(d), r)
             if len(p) + len(a) > self.length:
                 raise ValueError(f"response {r!r} is longer than the {self.answer_length} answer tokens planned for")
             out["input_ids"][i, :len(p) + len(a)] = p + a
@@ -173,12 +171,12 @@ class Seqs:
         """Label responses of each dataset d, right-padded: (ids, mask) i32[D, K, A], K = the most classes; the
         rows past a dataset's own classes have mask 0 (score them -inf)."""
         k = max(len(r) for r in responses)
-        a = max(len(self.answer(x)) for r in responses for x in r)
+        a = max(len(self.answer(d, x)) for d, r in enumerate(responses) for x in r)
         ids = np.full((len(responses), k, a), self.pad, np.int32)
         mask = np.zeros_like(ids)
         for d, rs in enumerate(responses):
             for j, r in enumerate(rs):
-                t = self.answer(r)
+                t = self.answer(d, r)
                 ids[d, j, :len(t)] = t
                 mask[d, j, :len(t)] = 1
         return ids, mask
@@ -301,7 +299,7 @@ def make_ranker(model, connector, image_token_id: int):
         """Scores f32[B, K] = sum over answer tokens of log p(token | image, instruction [, exemplar]).
 
         Args:
-          weights: LLaVA params (LoRA merged); conn: connector params (used with use_ep).
+          weights: the model's params (a `peft.LoraModel`'s {'base', 'lora'}); conn: connector params (with use_ep).
           ids, mask: i32[B, P] left-padded prompts (`Seqs.prompt_rows`); pixels f32[B, H, W, 3]; feature f32[B, Dt].
           ans_ids, ans_mask: i32[B, K, A] each row's K right-padded answers ' <label>.' + EOS (mask 0 rows score
             whatever; the caller masks them).
@@ -450,11 +448,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     clip_dir = fewshot_clip.resolve_checkpoint(sc.checkpoint, os.path.join(cache_root, "models"), "configs/vitask.py")
     instructions = [d.instruction(dc.full_instruction) for d in task.datasets]
     label_responses = [d.label_responses() for d in task.datasets]
-    texts = ([dc.chat_template.replace("{}", i) for i in instructions] + [r for rs in label_responses for r in rs] +
+    texts = (instructions + [r for rs in label_responses for r in rs] +
              [c for d in task.datasets for c in d.classnames] +
              ([medmnist.response([], none=task.no_finding)] if multi else []))
     ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
                                           "configs/vitask.py")
+    # The LLaVA's prompt format and preprocessing, checked against the config now, not after the TSM has trained.
+    cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
+    tok = tokenize.load_tokenizer(ckpt)
+    pp = preprocess.image_settings(ckpt)
+    clip_pp = preprocess.image_settings(clip_dir)
+    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, dc.chat_template, tok), cfg.tokens_per_image,
+                          cfg.image_token_id, chat.image_token(ckpt))
+    seqs = Seqs(fmt, instructions, train.responses + [r for rs in label_responses for r in rs])
 
     os.makedirs(workdir, exist_ok=True)
     report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
@@ -473,7 +479,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tsm_model = tsm_lib.TSMClassifier(clip_model.vision, num_classes)
     tsm_params = tsm_lib.init_from_clip(tsm_model, clip_params, jax.random.fold_in(rng, 1))
     del clip_params
-    clip_pp = preprocess.preprocess_settings(clip_dir)
     bs = _batch_size(sc.batch_size, n_train, mesh)
 
     def tsm_batch(idx):
@@ -521,10 +526,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         param_dtype=jnp.dtype(config.model.get("param_dtype") or config.model.dtype))
     # By the weights' logical axes: replicated on the default data-parallel mesh, split under fsdp / tensor.
     base = mesh_lib.shard_params(base, model, model.init_inputs(), mesh)
-    tok = tokenize.load_tokenizer(ckpt)
-    pp = preprocess.preprocess_settings(ckpt)
-    seqs = Seqs(tok, dc.chat_template, instructions, train.responses + [r for rs in label_responses for r in rs],
-                model.cfg.tokens_per_image, model.cfg.image_token_id)
     width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
     forward = make_forward(model, connector, model.cfg.image_token_id)
@@ -579,24 +580,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # ---- 3. Evaluation, each sample against its own dataset's label set.
     eb = max(1, int(dc.eval_batch_size))
-    merge = jax.jit(functools.partial(peft.lora_merge, alpha=mc.lora_alpha, rank=mc.lora_rank))
+    # LoRA applied unmerged, as in training: the evaluated model is the trained one (also with a bf16 base).
+    lm = peft.LoraModel(model, alpha=mc.lora_alpha, rank=mc.lora_rank)
     variants = [("vanilla (L_van)", van, p2["connector"], False), ("VITask w/o EP", p2, p2["connector"], False),
                 ("VITask w/ EP", p2, p2["connector"], True)]
     skip = [k for k in range(len(task.datasets)) if is_ml[k]]
     lik, gen = {}, {}
-    rank = make_ranker(model, connector, model.cfg.image_token_id)
-    embed = make_embedder(model, connector, model.cfg.image_token_id)
+    rank = make_ranker(lm, connector, model.cfg.image_token_id)
+    embed = make_embedder(lm, connector, model.cfg.image_token_id)
     table = seqs.answer_table(label_responses)
     single_rows = [i for i in range(len(test)) if not is_ml[test.dataset[i]]]
     for name, p, conn, ep in variants:
-        weights = merge(base, p["lora"])  # once per variant, not per batch
+        weights = {"base": base, "lora": p["lora"]}
         if mc.eval_mode in ("likelihood", "both"):
             pred, valid = rank_labels(rank, weights, conn, seqs, table, task, test, single_rows, test_feats, pp, eb,
                                       ep)
             lik[name] = vitask_tasks.split_metrics(task, test, pred, valid, skip=skip)
         if mc.eval_mode in ("generate", "both"):
             # Greedy answers matched to the label set; an unmatched answer counts as wrong.
-            pred, valid = generate_labels(model, embed, seqs, tok, task, test, weights, conn, test_feats, pp, eb, ep)
+            pred, valid = generate_labels(lm, embed, seqs, tok, task, test, weights, conn, test_feats, pp, eb, ep)
             gen[name + (" [generated]" if mc.eval_mode == "both" else "")] = vitask_tasks.split_metrics(
                 task, test, pred, valid, unmatched=True)
         del weights
