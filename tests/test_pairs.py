@@ -8,22 +8,24 @@ import sys
 import numpy as np
 import pytest
 
-from vlm_jax.data import pairs, tokenize
+from vlm_jax.data import chat, pairs, tokenize
 from vlm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE_PROMPT = "<image>\nSummary above image in one word:"
+IMAGE_PROMPT = "Summary above image in one word:"
 TEXT_PROMPT = "<sent>\nSummary above sentence in one word:"
 
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
+    """Batch layout on a small byte-level tokenizer with a plain '{}' template (the replicas' real tokenizers and
+    chat templates are checked against HF in test_replicas.py)."""
     texts = ["USER: hello ASSISTANT:", IMAGE_PROMPT, TEXT_PROMPT, "a photo of a cat.", "a dog on the grass " * 8]
     tok = tokenize.build_offline_tokenizer(texts, tmp_path_factory.mktemp("tok"))
-    spec = pairs.PromptSpec(chat_template="USER: {} ASSISTANT:", image_prompt=IMAGE_PROMPT, text_prompt=TEXT_PROMPT,
-                            tokens_per_image=4, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                            short_max_tokens=12, text_len=24, long_len=48)
-    return pairs.Tokens(tok, spec)
+    fmt = chat.ChatFormat(tok, "USER: {} ASSISTANT:", 4, tok.convert_tokens_to_ids("<image>"))
+    spec = pairs.PromptSpec(image_prompt=IMAGE_PROMPT, text_prompt=TEXT_PROMPT, short_max_tokens=12, text_len=24,
+                            long_len=48)
+    return pairs.Tokens(fmt, spec)
 
 
 def test_prompt_spans_hold_the_handcrafted_prompt(tokens):
@@ -37,7 +39,7 @@ def test_prompt_spans_hold_the_handcrafted_prompt(tokens):
         assert list(batch["text_ids"][row, s:s + p_txt]) == tokens.text_prompt
         s = batch["long_prompt_start"][row]
         assert list(batch["long_ids"][row, s:s + p_img]) == tokens.image_prompt
-    assert (batch["image_ids"] == tokens.spec.image_token_id).sum(axis=1).tolist() == [4, 4]
+    assert (batch["image_ids"] == tokens.fmt.image_token_id).sum(axis=1).tolist() == [4, 4]
     assert batch["text_ids"].shape == (2, 24) and batch["long_ids"].shape == (2, 48)
     assert batch["has_short"].tolist() == [True, False] and batch["has_long"].tolist() == [False, True]
     # The NTP targets are the long caption's tokens only (and EOS), never the prompt.
@@ -53,12 +55,13 @@ def test_split_captions_by_length(tokens):
 
 
 def test_bad_specs(tokens):
-    with pytest.raises(UserError, match="one '{}'"):
-        pairs.PromptSpec(chat_template="USER:", image_prompt=IMAGE_PROMPT, text_prompt=TEXT_PROMPT,
-                         tokens_per_image=4, image_token_id=4)
-    with pytest.raises(UserError, match="must start with '<image>'"):
-        pairs.PromptSpec(chat_template="{}", image_prompt="Summary:", text_prompt=TEXT_PROMPT,
-                         tokens_per_image=4, image_token_id=4)
+    with pytest.raises(UserError, match="the chat template places the image"):
+        pairs.PromptSpec(image_prompt="<image>\nSummary:", text_prompt=TEXT_PROMPT)
+    with pytest.raises(UserError, match="must start with '<sent>'"):
+        pairs.PromptSpec(image_prompt=IMAGE_PROMPT, text_prompt="Summary: <sent>")
+    with pytest.raises(UserError, match="no room for a caption"):
+        pairs.Tokens(tokens.fmt, pairs.PromptSpec(image_prompt=IMAGE_PROMPT, text_prompt=TEXT_PROMPT,
+                                                  text_len=8)).text_row("a photo of a cat.")
 
 
 def test_runlocal_trains_and_evaluates(tmp_path):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.data import fewshot, medmnist, tokenize, vitask_tasks
+from vlm_jax.data import chat, fewshot, medmnist, tokenize, vitask_tasks
+from vlm_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from vlm_jax.methods import discriminative as disc
 from vlm_jax.methods import vitask
 from vlm_jax.models import llava as llava_lib
@@ -76,8 +77,8 @@ def setup(tmp_path_factory):
     labels = [d.label_responses() for d in task.datasets]
     texts = [TEMPLATE.replace("{}", i) for i in instructions] + [r for rs in labels for r in rs] + ["normal."]
     model, base, tok = _tiny_llava(texts, tmp_path_factory.mktemp("tok"))
-    seqs = prog.Seqs(tok, TEMPLATE, instructions, task.train.responses + [r for rs in labels for r in rs],
-                     model.cfg.tokens_per_image, model.cfg.image_token_id)
+    fmt = chat.ChatFormat(tok, TEMPLATE, model.cfg.tokens_per_image, model.cfg.image_token_id)
+    seqs = prog.Seqs(fmt, instructions, task.train.responses + [r for rs in labels for r in rs])
     conn = vitask.ExemplarConnector(out_dim=64)
     conn_params = _random_params(conn.init, (jnp.zeros((1, 8)),), 2)
     targets = [tuple(t) if isinstance(t, (list, tuple)) else t for t in disc.LORA_TARGETS]
@@ -85,7 +86,8 @@ def setup(tmp_path_factory):
     # Random A and B (B = 0 at init would make LoRA the identity and the merge untested).
     rng = np.random.default_rng(3)
     lora = jax.tree.map(lambda x: 0.05 * rng.normal(size=x.shape).astype(np.float32), lora)
-    pp = dict(size=16, crop_size=16)
+    pp = {"resize": {"shortest_edge": 16}, "crop": [16, 16], "rescale": 1 / 255, "mean": list(CLIP_MEAN),
+          "std": list(CLIP_STD), "resample": 3, "convert_rgb": True}
     return dict(task=task, model=model, base=base, tok=tok, seqs=seqs, conn=conn, conn_params=conn_params,
                 lora=lora, pp=pp, labels=labels)
 
@@ -134,9 +136,10 @@ def test_cached_ranking_equals_uncached_passes(setup):
     px = prog._pixels(test.examples, idx, setup["pp"])
     ds = test.dataset[idx]
     t_ids, t_mask = seqs.answer_table(setup["labels"])
-    weights = peft.lora_merge(base, lora, alpha=2.0, rank=2)
+    # The program's evaluation: LoRA unmerged (as trained); the reference below merges it in float32.
+    weights = {"base": base, "lora": lora}
     ids, mask = seqs.prompt_rows(ds)
-    rank = prog.make_ranker(model, conn, model.cfg.image_token_id)
+    rank = prog.make_ranker(peft.LoraModel(model, alpha=2.0, rank=2), conn, model.cfg.image_token_id)
     # Reference: one full right-padded sequence per (image, label), vision tower and all, in one batch.
     score = prog.make_scorer(prog.make_forward(model, conn, model.cfg.image_token_id), lora_alpha=2.0, lora_rank=2)
     pairs = [(i, j) for i, d in enumerate(ds) for j in range(len(setup["labels"][d]))]
