@@ -31,7 +31,8 @@ def get_config(arg=None):
     # dtype: compute dtype ('bfloat16' on GPU/TPU); param_dtype: storage of the frozen base ('' = dtype). The
     # trainable LoRA / prompts are float32 master weights whatever these say.
     c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="")
-    c.data = dict(name="manifest", manifest="", image_root="",
+    # train_limit: train on the first N pairs of a fixed permutation (0 = all).
+    c.data = dict(name="manifest", manifest="", image_root="", train_limit=0,
                   # Evaluation (any subset): Karpathy-split retrieval JSON, SugarCrepe folder, Winoground JSONL,
                   # a few-shot-layout classification dataset (zero-shot through the same embeddings).
                   retrieval_json="", retrieval_split="test", sugarcrepe="", sugarcrepe_images="",
@@ -68,7 +69,7 @@ def get_config(arg=None):
         c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths
         c.clip_checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin"
-        c.data.batch_size = 16
+        c.data.batch_size, c.data.train_limit = 16, 64
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0
         c.train.epochs, c.train.batch_size = 2, 16
         c.train.optim.lr = 3e-3

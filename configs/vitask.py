@@ -31,14 +31,15 @@ def get_config(arg=None):
     # (official npz in `root`; chestmnist is multi-label), 'folder:<path>' (<path>/{train,val,test}/<class>/*.png,
     # val optional; class = folder name, '_' -> ' '), 'builtin' (the 10 toy photos) or 'builtin_a' / 'builtin_b'
     # (their first / last five classes: two disjoint datasets for offline joint training);
-    # size: MedMNIST image size (0 = the 28 px default file); test_limit: per dataset, evaluate on the first N of
+    # size: MedMNIST image size (0 = the 28 px default file); train_limit: per dataset, train on the first N of a
+    # fixed permutation of its train split (0 = all); test_limit: per dataset, evaluate on the first N of
     # a fixed permutation of its test split (0 = all);
     # modality: the word in image-folder datasets' instruction ('Analyze the given {modality} image. ...');
     # no_finding: a multi-label sample's answer when it has no positive label ('normal' -> 'normal.');
     # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction);
     # chat_template: '' = the checkpoint's own (what its HF processor renders), or a Jinja template / a format with
     # one '{}' for the user turn ('USER: {} ASSISTANT:') for a checkpoint without one.
-    c.data = dict(name="dermamnist", root="", size=0, test_limit=0, eval_batch_size=8,
+    c.data = dict(name="dermamnist", root="", size=0, test_limit=0, train_limit=0, eval_batch_size=8,
                   chat_template="", full_instruction=True, modality="medical",
                   no_finding="normal")
     # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
@@ -65,7 +66,7 @@ def get_config(arg=None):
         c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths
         c.tsm.checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin_a,builtin_b"  # joint training offline: two disjoint 5-class halves of the photos
-        c.data.test_limit, c.data.eval_batch_size = 20, 8  # per dataset
+        c.data.train_limit, c.data.test_limit, c.data.eval_batch_size = 48, 20, 8  # per dataset
         c.tsm.epochs, c.tsm.batch_size = 3, 16
         c.tsm.optim.lr = 1e-3
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0

@@ -354,3 +354,38 @@ def test_unmerged_lora_equals_merged(llava):
     with pytest.raises(ValueError, match="lora_impl"):
         disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, lora_impl="fused")({"base": base, "lora": lora},
                                                                               batch, None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_evaluation_embeds_with_the_trained_model(llava, dtype):
+    """The evaluation's embeddings (`lvlm_embed.embedding_fns`) give the training forward's contrastive loss: LoRA
+    applied as in training, also over a bf16 base, where merging W + s A B into bf16 would not."""
+    from vlm_jax.models.llava import Llava
+    from vlm_jax.programs import lvlm_embed
+
+    _, model, base = llava
+    dt = jnp.dtype(dtype)
+    model = Llava(model.cfg, dtype=dt, param_dtype=dt)
+    base = jax.tree.map(lambda x: x.astype(dt), base)
+    table = base["language_model"]["model"]["embed_tokens"]["embedding"]
+    rng = np.random.default_rng(6)
+    lora = jax.tree.map(lambda x: jnp.asarray(0.05 * rng.normal(size=x.shape), jnp.float32),
+                        peft.lora_init(base, jax.random.key(0), targets=disc.LORA_TARGETS, rank=4))
+    prompts = {"image_prompt": peft.soft_prompt_init(table, IMG_PROMPT).astype(jnp.float32) + 0.01,
+               "text_prompt": peft.soft_prompt_init(table, TXT_PROMPT).astype(jnp.float32) - 0.01}
+    batch = _train_batch(model.cfg.tokens_per_image, np.random.default_rng(7))
+    loss_fn = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, ntp_weight=0.0)
+    train_loss = float(jax.jit(loss_fn)({"base": base, "lora": lora, **prompts}, batch, None)[0])
+
+    def eval_loss(weights, lora_):
+        img_fn, txt_fn = lvlm_embed.embedding_fns(model, weights, lora_, dict(alpha=8, rank=4), **prompts)
+        img = img_fn({"input_ids": batch["image_ids"], "attention_mask": batch["image_mask"],
+                      "pixel_values": batch["pixel_values"], "prompt_start": batch["image_prompt_start"]})
+        txt = txt_fn({"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"],
+                      "prompt_start": batch["text_prompt_start"]})
+        return float(info_nce(img, txt, temperature=disc.DEFAULT_TEMPERATURE)[0])
+
+    assert abs(eval_loss(base, lora) - train_loss) <= 1e-5 * abs(train_loss)  # the same computation, any dtype
+    if dtype == "bfloat16":  # the old evaluation (LoRA merged into the bf16 base) is measurably another model
+        merged = peft.lora_merge(base, lora, alpha=8, rank=4)
+        assert abs(eval_loss(merged, None) - train_loss) > 1e-3 * abs(train_loss)

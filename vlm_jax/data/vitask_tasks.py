@@ -177,7 +177,7 @@ def _split(datasets: Sequence[TaskDataset], which: str, offsets: np.ndarray, num
 
 
 def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO_FINDING, test_limit: int = 0,
-               seed: int = 0) -> JointTask:
+               seed: int = 0, train_limit: int = 0) -> JointTask:
     """Joins datasets into one task.
 
     Args:
@@ -185,6 +185,7 @@ def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO
       no_finding: a multi-label sample's answer without positive label; must not name one of its labels.
       test_limit: per dataset, evaluate on the (sorted) first N of a fixed permutation of its test split (0 = all).
       seed: that permutation's seed.
+      train_limit: per dataset, train on the (sorted) first N of a fixed permutation of its train split (0 = all).
     """
     names = [d.name for d in datasets]
     for d in datasets:
@@ -199,14 +200,16 @@ def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO
     sizes = np.array([len(d.classnames) for d in datasets], np.int32)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
     c = int(sizes.sum())
-    keep = []
-    for k, d in enumerate(datasets):
-        if test_limit and test_limit < len(d.test):
-            keep.append(np.sort(np.random.default_rng([seed, k]).permutation(len(d.test))[:test_limit]))
-        else:
-            keep.append(None)
-    train = _split(datasets, "train", offsets, c, no_finding, [None] * len(datasets))
-    test = _split(datasets, "test", offsets, c, no_finding, keep)
+    for key, limit in (("test_limit", test_limit), ("train_limit", train_limit)):
+        if limit < 0:
+            raise errors.UserError(f"data.{key} must be >= 0 (0 = all), got {limit}")
+
+    def keep(split, limit, salt):
+        return [np.sort(np.random.default_rng([seed, k, *salt]).permutation(len(getattr(d, split)))[:limit])
+                if limit and limit < len(getattr(d, split)) else None for k, d in enumerate(datasets)]
+
+    train = _split(datasets, "train", offsets, c, no_finding, keep("train", train_limit, (1,)))
+    test = _split(datasets, "test", offsets, c, no_finding, keep("test", test_limit, ()))
     return JointTask(list(datasets), offsets, sizes, train, test, no_finding)
 
 
@@ -214,7 +217,8 @@ def load_task(dc, seed: int = 0) -> JointTask:
     """`config.data` -> JointTask (every dataset of the comma-separated `dc.name`)."""
     datasets = [load_dataset(n, root=dc.root, size=dc.size or None, modality=dc.modality)
                 for n in parse_names(dc.name)]
-    return build_task(datasets, no_finding=dc.no_finding, test_limit=dc.test_limit, seed=seed)
+    return build_task(datasets, no_finding=dc.no_finding, test_limit=dc.test_limit, seed=seed,
+                      train_limit=dc.get("train_limit", 0))
 
 
 # ----------------------------------------------------------------------------------------------------------

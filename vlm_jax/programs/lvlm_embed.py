@@ -107,9 +107,9 @@ def _batched(fn, items, make, mesh, batch_size) -> np.ndarray:
     return np.concatenate(out)
 
 
-def lvlm_embedders(model, base, tokens, pp, mesh, batch_size, lora=None, lora_kw=None, image_prompt=None,
-                   text_prompt=None):
-    """(embed_images, embed_texts) of the LVLM's summary token, with optional LoRA and soft prompts.
+def embedding_fns(model, base, lora=None, lora_kw=None, image_prompt=None, text_prompt=None):
+    """(image_fn(batch), text_fn(batch)) -> f32[B, D]: the LVLM's summary-token embeddings of `pairs.image_batch`
+    / `pairs.text_batch` batches, with optional LoRA and soft prompts.
 
     LoRA is applied unmerged, exactly as the training forward applies it (`peft.LoraModel`): the model evaluated
     is the model trained, also with a bf16 base (a merge would round W + s A B to bf16).
@@ -133,13 +133,20 @@ def lvlm_embedders(model, base, tokens, pp, mesh, batch_size, lora=None, lora_kw
         return disc.text_embedding(model, params, batch["input_ids"], batch["attention_mask"], prompt=text_prompt,
                                    prompt_start=None if text_prompt is None else batch["prompt_start"])
 
+    return (lambda batch: img_fn(params, batch)), (lambda batch: txt_fn(params, batch))
+
+
+def lvlm_embedders(model, base, tokens, pp, mesh, batch_size, lora=None, lora_kw=None, image_prompt=None,
+                   text_prompt=None):
+    """(embed_images(items), embed_texts(captions)) for the evaluation suite; see `embedding_fns`."""
+    img_fn, txt_fn = embedding_fns(model, base, lora, lora_kw, image_prompt, text_prompt)
+
     def embed_images(items):
-        return _batched(lambda b: img_fn(params, b), items,
-                        lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])), mesh, batch_size)
+        return _batched(img_fn, items, lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])),
+                        mesh, batch_size)
 
     def embed_texts(texts):
-        return _batched(lambda b: txt_fn(params, b), texts, lambda cs: pairs.text_batch(tokens, cs), mesh,
-                        batch_size)
+        return _batched(txt_fn, texts, lambda cs: pairs.text_batch(tokens, cs), mesh, batch_size)
 
     return embed_images, embed_texts
 
@@ -228,6 +235,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dc, mc, tc = config.data, config.method, config.train
     cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
     train_pairs, extra_texts = load_pairs(dc)
+    limit = int(dc.get("train_limit", 0))
+    if limit < 0:
+        raise errors.UserError(f"data.train_limit must be >= 0 (0 = all), got {limit}")
+    if limit and limit < len(train_pairs):  # the (sorted) first N of a fixed permutation
+        keep = np.sort(np.random.default_rng([config.rng_seed, 1]).permutation(len(train_pairs))[:limit])
+        train_pairs = [train_pairs[i] for i in keep]
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
     texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
     ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
