@@ -78,3 +78,20 @@ def test_runlocal_trains_and_evaluates(tmp_path):
         assert 0.0 <= row["t2i_R@1"] <= 100.0 and row["i2t_R@10"] == 100.0  # 10 images: R@10 is always 100
         assert {"sugarcrepe/replace_obj", "winoground/group", "classification/accuracy"} <= set(row)
     assert "VladVA" in (tmp_path / "run" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.long_len=100"], "data.long_len=100 cannot hold the 590 tokens of the image prompt (576 image "
+                                     "tokens) and a caption: use data.long_len="),
+    (["--config.train.epochs=0"], "--config.train.epochs=0 is out of range"),
+    (["--config.method.chat_template=USER: ASSISTANT:"], "neither a Jinja template nor a format with one '{}'"),
+])
+def test_bad_values_are_one_line_before_any_work(tmp_path, overrides, message):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
+                           "--config=configs/discriminative.py:runlocal", f"--workdir={tmp_path / 'run'}", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "run").exists()

@@ -32,3 +32,30 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         else:
             out[name] = value
     return out
+
+
+def check_ranges(config: ml_collections.ConfigDict, minimums: dict[str, float],
+                 choices: dict[str, tuple] | None = None) -> None:
+    """Refuses config values out of range before a program does any work: one UserError line naming the key.
+
+    Args:
+      config: the resolved config.
+      minimums: dotted key -> smallest allowed value (inclusive).
+      choices: dotted key -> allowed values.
+    """
+    from vlm_jax.errors import UserError
+
+    def get(key):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    for key, low in minimums.items():
+        value = get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+            raise UserError(f"--config.{key}={value!r} is out of range: it must be a number >= {low}")
+    for key, allowed in (choices or {}).items():
+        value = get(key)
+        if value not in allowed:
+            raise UserError(f"--config.{key}={value!r} is not one of {', '.join(map(repr, allowed))}")

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vlm_jax import errors
+from vlm_jax import config_utils, errors
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader
 from vlm_jax.data import captions as captions_lib
@@ -233,6 +233,10 @@ def check_lengths(tokens: pairs.Tokens, dc, longs) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dc, mc, tc = config.data, config.method, config.train
+    config_utils.check_ranges(config, {
+        "train.epochs": 1, "train.batch_size": 1, "train.optim.lr": 0, "data.batch_size": 1, "data.text_len": 2,
+        "data.long_len": 0, "data.train_limit": 0, "method.lora_rank": 1, "method.temperature": 1e-6,
+        "method.short_max_tokens": 1, "method.microbatches": 1, "method.ntp_weight": 0})
     cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
     train_pairs, extra_texts = load_pairs(dc)
     limit = int(dc.get("train_limit", 0))

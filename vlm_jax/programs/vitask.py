@@ -54,7 +54,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vlm_jax import errors
+from vlm_jax import config_utils, errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader
@@ -434,8 +434,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
 
     # Everything a user can get wrong is checked before the workdir gets anything (or a TSM trains for nothing).
-    if mc.eval_mode not in EVAL_MODES:
-        raise errors.UserError(f"method.eval_mode must be 'likelihood', 'generate' or 'both', got {mc.eval_mode!r}")
+    config_utils.check_ranges(config, {
+        "tsm.epochs": 1, "tsm.batch_size": 1, "tsm.optim.lr": 0, "train.batch_size": 1, "train.optim.lr": 0,
+        "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.lora_rank": 1, "method.alpha": 0,
+        "method.beta": 0, "data.eval_batch_size": 1, "data.test_limit": 0, "data.train_limit": 0,
+        "method.connector_hidden": 0}, {"method.eval_mode": EVAL_MODES,
+                                        "method.rda_direction": vitask.DIRECTIONS})
     task = vitask_tasks.load_task(dc, config.rng_seed)
     train, test = task.train, task.test
     is_ml = task.multi_label
