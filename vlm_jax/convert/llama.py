@@ -129,9 +129,8 @@ def drop_tied_head(tensors: dict, cfg: DecoderConfig, hf_prefix: str = "model.",
 
     Tied checkpoints normally have no lm_head tensor. When one is there and equals the input
     embedding, it is dropped from `tensors` (in place; arrays or `stream.LazyTensor`s, compared
-    block by block). When it differs, transformers does NOT
-    tie (it keeps both and warns), so neither do we: the tensor stays and the returned config
-    has tie_word_embeddings=False.
+    block by block). When it differs, transformers does NOT tie (it keeps both and warns), so
+    neither do we: the tensor stays and the returned config has tie_word_embeddings=False.
 
     Returns:
       The config to build the model with (`cfg` itself unless untied).
