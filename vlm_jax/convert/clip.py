@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.convert import loader
+from vlm_jax.convert import loader, stream
 from vlm_jax.convert.loader import Entry
 from vlm_jax.models.clip import CLIP
 
@@ -80,17 +80,23 @@ def param_shapes(model: CLIP):
     return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs())["params"])
 
 
-def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attention_impl=None):
+def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attention_impl=None, mesh=None,
+                    rules=None):
     """Loads an HF CLIP checkpoint (local dir or cached hub id) into Flax.
+
+    Tensors are read one at a time and placed straight into their sharding (`stream.load_table`).
 
     Args:
       path_or_hub_id: directory with config.json + *.safetensors, or a hub id in the HF cache.
       dtype: compute dtype of the returned module.
-      param_dtype: dtype of the returned params; defaults to `dtype`.
+      param_dtype: dtype of the returned params (each tensor cast as it is read); defaults to `dtype`.
       attention_impl: None (XLA) or 'cudnn', see `CLIP`.
+      mesh: a `jax.sharding.Mesh`: params sharded by their logical axis names and `rules`; None: the
+        default device.
+      rules: logical axis -> mesh axis rules (`vlm_jax.train.mesh.DEFAULT_RULES` when None).
 
     Returns:
-      (model, params): a `CLIP` module and its plain (unboxed) params tree on the default device.
+      (model, params): a `CLIP` module and its plain (unboxed) params tree of `jax.Array`s.
     """
     from transformers import CLIPConfig  # lazy: heavy import, only needed to read configs
 
@@ -101,8 +107,11 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
     param_dtype = dtype if param_dtype is None else param_dtype
     model = CLIP.from_hf_config(CLIPConfig.from_dict(raw), dtype=dtype, param_dtype=param_dtype,
                                 attention_impl=attention_impl)
-    params = loader.apply_table(table_for(model), loader.load_tensors(ckpt), param_shapes(model), ignore=IGNORE)
-    return model, jax.device_put(params)
+    abstract = stream.abstract_params(model)
+    shardings = None if mesh is None else stream.shardings_for(model, mesh, rules, abstract=abstract)
+    params = stream.load_table(table_for(model), stream.open_tensors(ckpt), abstract, ignore=IGNORE,
+                               shardings=shardings)
+    return model, params
 
 
 def hf_config(model: CLIP):

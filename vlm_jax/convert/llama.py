@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.convert import loader
+from vlm_jax.convert import loader, stream
 from vlm_jax.convert.loader import CheckpointError, Entry
 from vlm_jax.models.llama import CausalLM, DecoderConfig
 
@@ -128,9 +128,9 @@ def drop_tied_head(tensors: dict, cfg: DecoderConfig, hf_prefix: str = "model.",
     """Reconciles a `{hf_head}.weight` tensor with `cfg.tie_word_embeddings`, as transformers 5 does.
 
     Tied checkpoints normally have no lm_head tensor. When one is there and equals the input
-    embedding, it is dropped from `tensors` (in place). When it differs, transformers does NOT
-    tie (it keeps both and warns), so neither do we: the tensor stays and the returned config
-    has tie_word_embeddings=False.
+    embedding, it is dropped from `tensors` (in place; arrays or `stream.LazyTensor`s, compared
+    block by block). When it differs, transformers does NOT tie (it keeps both and warns), so
+    neither do we: the tensor stays and the returned config has tie_word_embeddings=False.
 
     Returns:
       The config to build the model with (`cfg` itself unless untied).
@@ -139,7 +139,7 @@ def drop_tied_head(tensors: dict, cfg: DecoderConfig, hf_prefix: str = "model.",
     if not cfg.tie_word_embeddings or name not in tensors:
         return cfg
     head, embed = tensors[name], tensors.get(f"{hf_prefix}embed_tokens.weight")
-    if embed is not None and embed.shape == head.shape and np.array_equal(embed, head):
+    if embed is not None and stream.array_equal(embed, head):
         del tensors[name]
         return cfg
     warnings.warn(f"tie_word_embeddings is set but the checkpoint's {name} differs from the input embedding; "
@@ -151,35 +151,44 @@ def drop_tied_head(tensors: dict, cfg: DecoderConfig, hf_prefix: str = "model.",
 
 
 def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attention_impl=None,
-                    remat: str = "none", scan_layers: bool = False):
+                    remat: str = "none", scan_layers: bool = False, mesh=None, rules=None):
     """Loads an HF Llama / Qwen2 causal LM checkpoint (local dir or cached hub id) into Flax.
+
+    Tensors are read one at a time and placed straight into their sharding (`stream.load_table`):
+    the host never holds the checkpoint, and with a mesh no device holds more than its slice.
 
     Args:
       path_or_hub_id: directory with config.json + *.safetensors, or a hub id in the HF cache.
       dtype: compute dtype of the returned module.
-      param_dtype: dtype of the returned params; defaults to `dtype`.
-      attention_impl, remat, scan_layers: see `CausalLM`.
+      param_dtype: dtype of the returned params (each tensor is cast as it is read); defaults to `dtype`.
+      attention_impl, remat, scan_layers: see `CausalLM`. Scanned params are stacked per device slice.
+      mesh: a `jax.sharding.Mesh` (`vlm_jax.train.mesh.make_mesh`): params are sharded by their logical
+        axis names and `rules`. None: every param on the default device.
+      rules: logical axis -> mesh axis rules (`mesh.DEFAULT_RULES` when None; config list form accepted).
 
     Returns:
-      (model, params): a `CausalLM` and its plain (unboxed) params tree on the default device.
+      (model, params): a `CausalLM` and its plain (unboxed) params tree of `jax.Array`s.
 
     Raises:
       CheckpointError: not found, another model_type, unsupported settings (rope type, sliding
         window), or missing / unexpected / mis-shaped tensors (named).
+      UserError: a param does not divide evenly over the mesh axes its rules name.
     """
     ckpt = loader.resolve_checkpoint(path_or_hub_id)
     cfg = decoder_config(loader.read_config(ckpt), where=str(ckpt))
-    tensors = loader.load_tensors(ckpt)
+    tensors = stream.open_tensors(ckpt)
     cfg = drop_tied_head(tensors, cfg)
     param_dtype = dtype if param_dtype is None else param_dtype
     model = CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
                      scan_layers=scan_layers)
-    # The table is per layer: convert against the unscanned shapes, then stack if scanned.
+    # The table is per layer: checked against the unscanned shapes, stacked per leaf if scanned.
     flat_model = model.clone(scan_layers=False)
-    params = loader.apply_table(table_for(flat_model), tensors, param_shapes(flat_model), ignore=IGNORE)
-    if scan_layers:
-        params = stack_layers(params, cfg.num_layers)
-    return model, jax.device_put(params)
+    flat = stream.abstract_params(flat_model)
+    shardings = None if mesh is None else stream.shardings_for(model, mesh, rules,
+                                                               abstract=None if scan_layers else flat)
+    params = stream.load_table(table_for(flat_model), tensors, flat, ignore=IGNORE, shardings=shardings,
+                               stack=[("model",)] if scan_layers else ())
+    return model, params
 
 
 # ----------------------------------------------------------------------------- export

@@ -27,7 +27,7 @@ import numpy as np
 
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import llama as llama_convert
-from vlm_jax.convert import loader
+from vlm_jax.convert import loader, stream
 from vlm_jax.convert import siglip as siglip_convert
 from vlm_jax.convert.loader import CheckpointError, Entry
 from vlm_jax.models.llava import Llava, LlavaConfig
@@ -94,13 +94,20 @@ def llava_config(raw: dict, where: str = "config") -> LlavaConfig:
 
 
 def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attention_impl=None,
-                    remat: str = "none"):
+                    remat: str = "none", mesh=None, rules=None):
     """Loads an HF LLaVA checkpoint (local dir or cached hub id) into Flax.
+
+    Tensors are read one at a time and placed straight into their sharding (`stream.load_table`):
+    the host never holds the checkpoint, and with a mesh no device holds more than its slice.
 
     Args:
       path_or_hub_id: directory with config.json + *.safetensors, or a hub id in the HF cache.
-      dtype: compute dtype; param_dtype: dtype of the returned params (defaults to `dtype`).
+      dtype: compute dtype; param_dtype: dtype of the returned params, each tensor cast as it is read
+        (defaults to `dtype`).
       attention_impl, remat: see `Llava`.
+      mesh: a `jax.sharding.Mesh` (`vlm_jax.train.mesh.make_mesh`): params are sharded by their logical
+        axis names and `rules`. None: every param on the default device.
+      rules: logical axis -> mesh axis rules (`mesh.DEFAULT_RULES` when None; config list form accepted).
 
     Returns:
       (model, params).
@@ -108,11 +115,12 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
     Raises:
       CheckpointError: not found, not LLaVA, an unsupported tower or LM, or missing / unexpected /
         mis-shaped tensors (named).
+      UserError: a param does not divide evenly over the mesh axes its rules name.
     """
     ckpt = loader.resolve_checkpoint(path_or_hub_id)
     cfg = llava_config(loader.read_config(ckpt), where=str(ckpt))
     param_dtype = dtype if param_dtype is None else param_dtype
-    tensors = loader.load_tensors(ckpt)
+    tensors = stream.open_tensors(ckpt)
     layout = detect_layout(tensors)
     # A tied checkpoint that still carries a *different* lm_head is untied, as transformers does.
     text = llama_convert.drop_tied_head(tensors, cfg.text, hf_prefix=layout["lm"], hf_head=layout["head"])
@@ -122,8 +130,10 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
     if cfg.vision_type == "siglip":
         # LLaVA never runs SigLIP's pooling head; checkpoints that carry it load without it.
         ignore.append(siglip_convert.head_pattern(layout["tower"]))
-    params = loader.apply_table(llava_table(cfg, layout), tensors, param_shapes(model), ignore=ignore)
-    return model, jax.device_put(params)
+    abstract = stream.abstract_params(model)
+    shardings = None if mesh is None else stream.shardings_for(model, mesh, rules, abstract=abstract)
+    params = stream.load_table(llava_table(cfg, layout), tensors, abstract, ignore=ignore, shardings=shardings)
+    return model, params
 
 
 def hf_config(model: Llava):

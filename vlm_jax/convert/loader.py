@@ -12,7 +12,9 @@ kind)`. `apply_table` turns an HF state dict into a Flax params tree and checks 
   transpose_merge   Linear out of heads f32[D, H*K] -> f32[H, K, D]  (attention output kernel)
 
 Weights are read from *.safetensors only (single file or sharded with an index) with the numpy
-backend, never torch. Errors a user can fix raise `CheckpointError` with a message that names
+backend, never torch. The families' `from_pretrained` load through `vlm_jax.convert.stream`, which
+reads one tensor at a time and places it straight into its sharding; `load_tensors` + `apply_table`
+(everything in host memory) remain for tests and small tools. Errors a user can fix raise `CheckpointError` with a message that names
 the file or tensors involved and says what to do.
 """
 
@@ -238,6 +240,46 @@ def _fmt(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
+def table_problems(table: Sequence[Entry], hf_shapes: dict[str, tuple[int, ...]], targets: dict,
+                   ignore: Iterable[str] = ()) -> list[str]:
+    """Every way a checkpoint's tensors fail to match a table and the model (empty when they match).
+
+    Args:
+      table: conversion entries.
+      hf_shapes: HF name -> shape of every tensor in the checkpoint.
+      targets: the flat (path tuple -> abstract array) params of the model.
+      ignore: regexes (re.fullmatch) of HF tensors that may be present and are dropped.
+
+    Returns:
+      One line per kind of problem, each naming all the tensors or params concerned: params the
+      table misses, table paths the model lacks, missing / unexpected tensors, wrong shapes.
+    """
+    ignore = [re.compile(p) for p in ignore]
+    by_hf = {e.hf_name: e for e in table}
+    problems = []
+    uncovered = sorted(_fmt(p) for p in set(targets) - {e.flax_path for e in table})
+    if uncovered:
+        problems.append(f"model params not in the conversion table (bug in the table): {uncovered}")
+    stale = sorted(_fmt(e.flax_path) for e in table if e.flax_path not in targets)
+    if stale:
+        problems.append(f"conversion table paths the model does not have (bug in the table): {stale}")
+    missing = sorted(n for n in by_hf if n not in hf_shapes)
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    extra = sorted(n for n in hf_shapes if n not in by_hf and not any(p.fullmatch(n) for p in ignore))
+    if extra:
+        problems.append(f"unexpected tensors: {extra}")
+    for e in table:
+        if e.hf_name not in hf_shapes or e.flax_path not in targets:
+            continue
+        target = tuple(targets[e.flax_path].shape)
+        want = TRANSFORMS[e.kind].hf_shape(target)
+        if tuple(hf_shapes[e.hf_name]) != want:
+            problems.append(f"wrong shape for {e.hf_name}: expected {want} (flax {_fmt(e.flax_path)} "
+                            f"{target}), got {tuple(hf_shapes[e.hf_name])}")
+    return problems
+
+
 def apply_table(table: Sequence[Entry], hf_tensors: dict[str, np.ndarray], target_shapes,
                 *, ignore: Iterable[str] = (), dtype=None) -> dict:
     """HF state dict -> Flax params, checked against the model's shape tree.
@@ -257,37 +299,15 @@ def apply_table(table: Sequence[Entry], hf_tensors: dict[str, np.ndarray], targe
       CheckpointError: listing every missing, unexpected and mis-shaped tensor at once.
     """
     targets = _flat(target_shapes)
-    ignore = [re.compile(p) for p in ignore]
-    by_hf = {e.hf_name: e for e in table}
-    problems = []
-    uncovered = sorted(_fmt(p) for p in set(targets) - {e.flax_path for e in table})
-    if uncovered:
-        problems.append(f"model params not in the conversion table (bug in the table): {uncovered}")
-    stale = sorted(_fmt(e.flax_path) for e in table if e.flax_path not in targets)
-    if stale:
-        problems.append(f"conversion table paths the model does not have (bug in the table): {stale}")
-    missing = sorted(n for n in by_hf if n not in hf_tensors)
-    if missing:
-        problems.append(f"missing tensors: {missing}")
-    extra = sorted(n for n in hf_tensors if n not in by_hf and not any(p.fullmatch(n) for p in ignore))
-    if extra:
-        problems.append(f"unexpected tensors: {extra}")
-    params = {}
-    for e in table:
-        if e.hf_name not in hf_tensors or e.flax_path not in targets:
-            continue
-        target = targets[e.flax_path]
-        transform = TRANSFORMS[e.kind]
-        want = transform.hf_shape(tuple(target.shape))
-        x = hf_tensors[e.hf_name]
-        if tuple(x.shape) != want:
-            problems.append(f"wrong shape for {e.hf_name}: expected {want} (flax {_fmt(e.flax_path)} "
-                            f"{tuple(target.shape)}), got {tuple(x.shape)}")
-            continue
-        out_dtype = np.dtype(dtype if dtype is not None else target.dtype)
-        params[e.flax_path] = _contiguous(transform.to_flax(np.asarray(x), tuple(target.shape)).astype(out_dtype))
+    problems = table_problems(table, {n: tuple(x.shape) for n, x in hf_tensors.items()}, targets, ignore)
     if problems:
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    params = {}
+    for e in table:
+        target = targets[e.flax_path]
+        out_dtype = np.dtype(dtype if dtype is not None else target.dtype)
+        x = TRANSFORMS[e.kind].to_flax(np.asarray(hf_tensors[e.hf_name]), tuple(target.shape))
+        params[e.flax_path] = _contiguous(x.astype(out_dtype))
     return traverse_util.unflatten_dict(params)
 
 

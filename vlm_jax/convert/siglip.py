@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.convert import loader
+from vlm_jax.convert import loader, stream
 from vlm_jax.convert.clip import _layer, _norm  # SigLIP's encoder layers are CLIP's, name for name
 from vlm_jax.convert.loader import CheckpointError, Entry
 from vlm_jax.models.siglip import SiglipVisionConfig, SiglipVisionTower
@@ -126,7 +126,7 @@ _MODEL_TYPES = ("siglip_vision_model", "siglip")
 
 
 def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, use_head: bool | None = None,
-                    attention_impl=None):
+                    attention_impl=None, mesh=None, rules=None):
     """Loads the SigLIP vision tower of an HF checkpoint (local dir or cached hub id) into Flax.
 
     Args:
@@ -134,13 +134,16 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, use_hea
         (model_type 'siglip_vision_model') or a `SiglipModel` ('siglip': its text tower and
         logit scale/bias are skipped), or a hub id in the HF cache.
       dtype: compute dtype of the returned module.
-      param_dtype: dtype of the returned params; defaults to `dtype`.
+      param_dtype: dtype of the returned params (each tensor cast as it is read); defaults to `dtype`.
       use_head: build the MAP pooling head; None follows the config's `vision_use_head`.
         False drops the head's tensors if the file has them.
       attention_impl: None (XLA) or 'cudnn', see `SiglipVisionTower`.
+      mesh: a `jax.sharding.Mesh`: params sharded by their logical axis names and `rules`; None: the
+        default device. Tensors are read one at a time and placed straight into their sharding.
+      rules: logical axis -> mesh axis rules (`vlm_jax.train.mesh.DEFAULT_RULES` when None).
 
     Returns:
-      (model, params): a `SiglipVisionTower` and its plain (unboxed) params tree.
+      (model, params): a `SiglipVisionTower` and its plain (unboxed) params tree of `jax.Array`s.
 
     Raises:
       CheckpointError: not a SigLIP checkpoint, or its tensors do not match the config.
@@ -155,7 +158,7 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, use_hea
     param_dtype = dtype if param_dtype is None else param_dtype
     model = SiglipVisionTower.from_hf_config(dict(vision), use_head=use_head, dtype=dtype,
                                              param_dtype=param_dtype, attention_impl=attention_impl)
-    tensors = loader.load_tensors(ckpt)
+    tensors = stream.open_tensors(ckpt)
     prefix = detect_prefix(tensors, STANDALONE_PREFIXES)
     ignore = list(IGNORE)
     if model_type == "siglip":
@@ -165,8 +168,10 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, use_hea
     elif f"{prefix}head.probe" not in tensors:
         raise CheckpointError(f"{ckpt}: config.json says vision_use_head=true but the weights have no "
                               f"{prefix}head.* tensors; pass use_head=False to load the tower without the head")
-    params = loader.apply_table(table_for(model, prefix), tensors, param_shapes(model), ignore=ignore)
-    return model, jax.device_put(params)
+    abstract = stream.abstract_params(model)
+    shardings = None if mesh is None else stream.shardings_for(model, mesh, rules, abstract=abstract)
+    params = stream.load_table(table_for(model, prefix), tensors, abstract, ignore=ignore, shardings=shardings)
+    return model, params
 
 
 def hf_config(model: SiglipVisionTower | SiglipVisionConfig):
