@@ -277,10 +277,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Placed by the weights' logical axis names: replicated on the default data-parallel mesh, sharded when the
     # mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1 --config.mesh.data=1`), so that no device needs the
     # whole LVLM. The trainer keeps this layout.
+    # Streamed: one tensor at a time, each placed straight into its sharding (never whole on one device).
     model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
                                                 param_dtype=jnp.dtype(config.model.get("param_dtype") or
-                                                                      config.model.dtype))
-    base = mesh_lib.shard_params(base, model, model.init_inputs(), mesh)
+                                                                      config.model.dtype), mesh=mesh)
     logging.info("LLaVA %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
                  ckpt, n, cfg.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
 

@@ -525,11 +525,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("TSM: %s", rows["TSM"])
 
     # ---- 2. LVLM, on batches that mix the datasets, each sample with its own dataset's instruction.
+    # Streamed, each tensor placed by its logical axes: replicated on the default data-parallel mesh, split under
+    # fsdp / tensor; never the whole LLaVA on one device.
     model, base = llava_convert.from_pretrained(
         ckpt, dtype=jnp.dtype(config.model.dtype),
-        param_dtype=jnp.dtype(config.model.get("param_dtype") or config.model.dtype))
-    # By the weights' logical axes: replicated on the default data-parallel mesh, split under fsdp / tensor.
-    base = mesh_lib.shard_params(base, model, model.init_inputs(), mesh)
+        param_dtype=jnp.dtype(config.model.get("param_dtype") or config.model.dtype), mesh=mesh)
     width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
     forward = make_forward(model, connector, model.cfg.image_token_id)
