@@ -29,6 +29,7 @@ from vlm_jax.methods import discriminative as disc
 from vlm_jax.models import peft
 from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train import trainer
+from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricWriter
 
 TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "i2t_R@1": "I2T R@1", "i2t_R@5": "I2T R@5",
@@ -190,8 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         clip_ckpt = fewshot_clip.resolve_checkpoint(config.clip_checkpoint, os.path.join(cache_root, "models"),
                                                     "configs/discriminative.py")
 
-    os.makedirs(workdir, exist_ok=True)
-    report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
+    workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
                                                 param_dtype=jnp.dtype(config.model.get("param_dtype") or
