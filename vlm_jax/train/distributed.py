@@ -26,7 +26,7 @@ MODES = ("auto", "on", "off")
 # After SIGTERM, how long a training loop gets to reach the end of its step, save and stop by itself.
 SIGTERM_GRACE_S = 120.0
 # How long the other processes look for the token file process 0 wrote into the workdir.
-WORKDIR_WAIT_S = 10.0
+WORKDIR_WAIT_S = 5.0
 # jax's preemption sync manager sets this coordination-service key when any process gets SIGTERM.
 _PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
 
@@ -174,8 +174,9 @@ def check_shared_workdir(workdir: str, wait_s: float = WORKDIR_WAIT_S) -> None:
     missing = sorted(int(k.rsplit("/", 1)[-1]) for k, v in seen.items() if v != "ok")
     if missing:
         raise errors.UserError(
-            f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {n} do not see the file "
-            f"process 0 wrote into --workdir={workdir} (waited {wait_s:.0f} s): every process needs the same "
+            f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {n} "
+            f"{'do' if len(missing) > 1 else 'does'} not see the file process 0 wrote into --workdir={workdir} (waited "
+            f"{wait_s:.0f} s): every process needs the same "
             "workdir on a file system all hosts share (NFS, a GCS/S3 mount), not a node-local disk")
 
 
@@ -229,8 +230,9 @@ def watch_preemption(grace_s: float = SIGTERM_GRACE_S, poll_s: float = 1.0) -> N
             if noticed is not None:
                 busy = _TRAINING.is_set() or _ENDING.is_set()
                 if not busy or time.monotonic() - noticed > grace_s:
-                    where = "the training step did not end" if busy else "outside the training loop"
-                    exit_now(f"preempted: a process of this job got SIGTERM and {where}: exiting without a new "
+                    where = (f"the training step did not end within {grace_s:.0f} s" if busy else
+                             "outside the training loop")
+                    exit_now(f"preempted: a process of this job got SIGTERM ({where}): exiting without a new "
                              "checkpoint; rerun the same command to resume from the last one", 143)
 
     threading.Thread(target=run, name="vlm_jax-preemption-watch", daemon=True).start()
@@ -268,6 +270,6 @@ def report_lost_peers(exc: BaseException, wait_s: float = 5.0) -> None:
         logging.exception("process %d failed", pid, exc_info=exc)
     if pid == 0:
         time.sleep(1.0)   # the coordination service lives here: let the other survivors read it first
-    exit_now(f"error: lost process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n} (they did not "
-             f"report within {wait_s:.0f} s: dead, or stuck waiting for this one); this process ({pid}) stopped on "
-             f"{type(exc).__name__}: {text}", 1)
+    exit_now(f"error: lost process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n} (no word from "
+             f"{'them' if len(lost) > 1 else 'it'} within {wait_s:.0f} s: dead, or stuck waiting for this one); this "
+             f"process ({pid}) stopped on {type(exc).__name__}: {text}", 1)
