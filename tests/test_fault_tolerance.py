@@ -149,6 +149,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
 
 
+def test_sigterm_during_a_wait_that_never_ends_exits_after_the_grace_period():
+    """SIGTERM is honoured in every phase: a loop stuck where it cannot check the flag (a hung checkpoint wait)
+    is ended once the grace period is over, with one line and the preemption status."""
+    code = ("import os, signal, time\nfrom vlm_jax.train import trainer\n"
+            "with trainer._sigterm_flag(True, grace_s=1.0):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "preempted: SIGTERM 1 s ago and the step did not end: exiting without saving")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Gradient accumulation, in process.
 

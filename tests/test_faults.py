@@ -90,6 +90,30 @@ def test_a_changed_learning_rate_on_a_resumed_workdir_is_refused(tip_run):
     assert (workdir / "config.json").read_text() == before
 
 
+def test_the_cache_key_follows_the_checkpoint_content_not_its_mtimes(tmp_path):
+    """Two runs racing to write the built-in checkpoint: the loser renames the same bytes over the winner's files
+    (new mtimes, new inodes); the cache key, hence every cache entry, must stay the same."""
+    from vlm_jax.data import features
+
+    rng = np.random.default_rng(0)
+    files = {"model.safetensors": rng.bytes(6 << 20), "config.json": b'{"model_type": "clip"}'}  # > 4 MiB: sampled
+
+    def write(content):
+        for name, data in content.items():
+            (tmp_path / f".{name}.tmp").write_bytes(data)
+            os.replace(tmp_path / f".{name}.tmp", tmp_path / name)
+
+    write(files)
+    before = features.checkpoint_fingerprint(str(tmp_path))
+    os.utime(tmp_path / "model.safetensors", (time.time() - 60,) * 2)
+    write(files)
+    assert features.checkpoint_fingerprint(str(tmp_path)) == before
+    changed = bytearray(files["model.safetensors"])
+    changed[:8] = b"\x00" * 8   # the header's length field
+    write({**files, "model.safetensors": bytes(changed)})
+    assert features.checkpoint_fingerprint(str(tmp_path)) != before
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The config a workdir remembers, in process.
 
