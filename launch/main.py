@@ -118,7 +118,7 @@ def main(argv):
         print(str(e), file=sys.stderr)
         sys.exit(143)
     except Exception as e:  # noqa: BLE001 - storage failures anywhere (metrics, results, TensorBoard) are one line
-        message = workdir_lib.write_failure(e, "the workdir", "--workdir")
+        message = workdir_lib.write_failure(e, "the workdir", "--workdir", under=workdir)
         if message is not None:
             logging.flush()
             print(f"error: {message}", file=sys.stderr)

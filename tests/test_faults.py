@@ -133,7 +133,10 @@ def test_config_diff_ignores_paths_layout_and_evaluation_keys():
 def test_prepare_refuses_a_changed_config_only_on_a_workdir_with_checkpoints(tmp_path):
     workdir_lib.prepare(str(tmp_path), _config())
     workdir_lib.prepare(str(tmp_path), _config(epochs=4))    # nothing to resume yet: the new config is recorded
-    (tmp_path / "checkpoints" / "train" / "2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "train").mkdir(parents=True)   # an empty one holds nothing to resume
+    workdir_lib.prepare(str(tmp_path), _config(epochs=5))
+    workdir_lib.prepare(str(tmp_path), _config(epochs=4))
+    (tmp_path / "checkpoints" / "train" / "2").mkdir()
     workdir_lib.prepare(str(tmp_path), _config(epochs=4))    # same config
     with pytest.raises(errors.UserError, match=r"train.epochs \(4 -> 5\).*resume=force"):
         workdir_lib.prepare(str(tmp_path), _config(epochs=5))

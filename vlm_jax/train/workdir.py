@@ -75,7 +75,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def write_failure(exc: BaseException, what: str = "", flag: str = "", path: str | None = None) -> str | None:
+def write_failure(exc: BaseException, what: str = "", flag: str = "", path: str | None = None,
+                  under: str | None = None) -> str | None:
     """One line (path, reason, what to do) if `exc` or one it wraps is a failure to write storage, else None.
 
     Args:
@@ -83,6 +84,8 @@ def write_failure(exc: BaseException, what: str = "", flag: str = "", path: str 
       what: what the path is ('the workdir', 'the feature cache'), for the message.
       flag: the flag or config key that moves it ('--workdir'), for the message.
       path: the path to name; default: the one in the error.
+      under: if given, an error that reading could raise too (permission denied, not a directory) counts only
+        for a path inside this directory; a full or read-only disk counts anywhere.
     """
     for e in _chain(exc):
         code, where = None, None
@@ -95,7 +98,8 @@ def write_failure(exc: BaseException, what: str = "", flag: str = "", path: str 
                 (c for t, c in _TS_TEXT.items() if t in text), None)
             paths = _TS_PATH.findall(text) if code else []
             where = paths[-1] if paths else None
-        if code is not None:
+        inside = under is None or (where is not None and os.path.abspath(where).startswith(os.path.abspath(under)))
+        if code is not None and (inside or code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
             reason, todo = _ADVICE[code]
             return (f"cannot write {what + ' ' if what else ''}at {path or where or '?'}: {reason}; "
                     f"{todo.format(flag=flag or 'directory')}")
@@ -186,8 +190,8 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def _has_checkpoints(workdir: str) -> bool:
-    return any(os.scandir(d) for d in glob.glob(os.path.join(glob.escape(workdir), "checkpoints", "*"))
-               if os.path.isdir(d))
+    return any(os.path.isdir(d) and os.listdir(d)
+               for d in glob.glob(os.path.join(glob.escape(workdir), "checkpoints", "*")))
 
 
 def _describe(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -214,23 +218,11 @@ def prepare(workdir: str, config) -> None:
     mode = config.get("train", {}).get("resume", "check")
     if mode not in RESUME_MODES:
         raise errors.UserError(f"config.train.resume must be one of {', '.join(RESUME_MODES)}, got {mode!r}")
-    new = json.loads(config.to_json_best_effort())
     path = os.path.join(workdir, "config.json")
     try:
         os.makedirs(workdir, exist_ok=True)
         if os.path.exists(path) and _has_checkpoints(workdir):
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-            diff = config_diff(old, new)
-            if diff and mode != "force":
-                shown = ", ".join(_describe(k, old, new) for k in diff[:8]) + (
-                    f" and {len(diff) - 8} more" if len(diff) > 8 else "")
-                raise errors.UserError(
-                    f"workdir {workdir} holds checkpoints of a different config: {shown}. Use a new --workdir, or "
-                    "--config.train.resume=force to resume them under this config anyway")
-            if diff:
-                logging.warning("resuming %s under a changed config (train.resume=force): %s", workdir,
-                                ", ".join(diff))
+            _check_resume(workdir, path, json.loads(config.to_json_best_effort()), mode)
         if jax.process_index() != 0:   # the same check on every process; one writer
             return
         remove_stale(workdir, (".*.tmp", "*.tmp", "checkpoints/*/*.orbax-checkpoint-tmp*"),
@@ -240,3 +232,24 @@ def prepare(workdir: str, config) -> None:
     except OSError as e:
         raise_if_write_failure(e, "the workdir", "--workdir")
         raise
+
+
+def _check_resume(workdir: str, path: str, new: Mapping[str, Any], mode: str) -> None:
+    """Raises a UserError when the workdir's config.json differs from `new` in a key that matters ('check')."""
+    force = "--config.train.resume=force to resume them under this config anyway"
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError as e:
+        if mode != "force":
+            raise errors.UserError(f"workdir {workdir} holds checkpoints but its config.json cannot be read ({e}): "
+                                   f"use a new --workdir, or {force}") from None
+        return
+    diff = config_diff(old, new)
+    if diff and mode != "force":
+        shown = ", ".join(_describe(k, old, new) for k in diff[:8]) + (
+            f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise errors.UserError(f"workdir {workdir} holds checkpoints of a different config: {shown}. Use a new "
+                               f"--workdir, or {force}")
+    if diff:
+        logging.warning("resuming %s under a changed config (train.resume=force): %s", workdir, ", ".join(diff))
