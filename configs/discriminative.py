@@ -62,7 +62,8 @@ def get_config(arg=None):
     c.train = dict(epochs=1, batch_size=1024,
                    optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"),
                    param_groups=[("lora/.*", 1.0), ("(image|text)_prompt", 1.0), ("log_temperature", 1.0)],
-                   checkpoint_every_steps=200)   # plus every epoch end and on SIGTERM
+                   checkpoint_every_steps=200,   # plus every epoch end and on SIGTERM
+                   resume="check")   # 'force': resume a workdir whose config.json differs (see train/workdir.py)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:

@@ -58,6 +58,7 @@ def get_config(arg=None):
     c.feature_cache_dir = os.path.join(os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax")),
                                        "features")
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.train = dict(resume="check")   # 'force': resume a workdir whose config.json differs (train/workdir.py)
     c.rng_seed = 0
 
     da = dualadapter.PRESETS.get(arg.dataset, dualadapter.PRESETS["default"])

@@ -59,7 +59,8 @@ def get_config(arg=None):
         eval_mode="both",
     )
     c.train = dict(batch_size=32, optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"),
-                   accum_steps=1, checkpoint_every_steps=200)
+                   accum_steps=1, checkpoint_every_steps=200,
+                   resume="check")   # 'force': resume a workdir whose config.json differs (see train/workdir.py)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:

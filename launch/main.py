@@ -5,11 +5,17 @@ The config's `program` names the module in `vlm_jax.programs` that runs it. Erro
 missing checkpoint, data root, split file, an unknown config key) end the run with one line and exit code 2.
 SIGTERM during training saves a checkpoint and exits with 143; the same command resumes.
 
+Failures to write the workdir or the feature cache (a full disk, a read-only or foreign directory) are one
+`error:` line with exit code 2 as well; so is a workdir that holds checkpoints of a different config (see
+`--config.train.resume`).
+
 Multi-host: the same command runs on every host (launch/tpu_pod.sh, launch/slurm.sbatch), and
 `jax.distributed.initialize()` runs first when the environment shows a multi-process job (`--distributed=auto`:
 SLURM with several tasks, Open MPI, a TPU pod slice, JAX_COORDINATOR_ADDRESS). For a plain or custom cluster,
 e.g. two processes on one machine:
   python launch/main.py ... --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
+Every process first checks that it sees the same workdir (one `error:` line on every process otherwise);
+SIGTERM stops the job in any phase (exit 143); a process that dies makes the others stop with a line naming it.
 """
 
 import importlib
@@ -78,11 +84,18 @@ def main(argv):
     except ValueError as e:  # contradicting flags, or jax's own check of the detected/given values
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    from vlm_jax import errors
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if multiprocess:
         import jax
+        distributed.watch_preemption()
         if jax.process_index() == 0:
             logging.info("multi-host: %s", distributed.describe())
-    from vlm_jax import errors
+        try:
+            distributed.check_shared_workdir(workdir)
+        except errors.UserError as e:   # raised on every process alike: they all exit together
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     try:
         config = _CONFIG.value
@@ -91,9 +104,9 @@ def main(argv):
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     program = importlib.import_module(f"vlm_jax.programs.{config.program}")
-    from vlm_jax.train import trainer
+    from vlm_jax.train import trainer, workdir as workdir_lib
     try:
-        program.run(config, os.path.abspath(os.path.expanduser(_WORKDIR.value)))
+        program.run(config, workdir)
     except errors.UserError as e:
         logging.flush()
         print(f"error: {e}", file=sys.stderr)
@@ -104,6 +117,15 @@ def main(argv):
         logging.flush()
         print(str(e), file=sys.stderr)
         sys.exit(143)
+    except Exception as e:  # noqa: BLE001 - storage failures anywhere (metrics, results, TensorBoard) are one line
+        message = workdir_lib.write_failure(e, "the workdir", "--workdir", under=workdir)
+        if message is not None:
+            logging.flush()
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        if multiprocess:
+            distributed.report_lost_peers(e)   # exits when a peer is gone; returns for an ordinary failure
+        raise
 
 
 if __name__ == "__main__":

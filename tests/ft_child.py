@@ -1,10 +1,14 @@
 """A child process for tests/test_fault_tolerance.py: a small MLP with dropout trained by `trainer.fit`.
 
   python tests/ft_child.py WORKDIR OUT.npz [--kill-at STEP] [--term-at STEP] [--nan-at STEP] [--every N]
+                           [--keep K] [--hidden H]
 
 --kill-at / --term-at send SIGKILL / SIGTERM to this process when the batch after STEP is requested (for
 --kill-at the async save of STEP has just been issued, so the kill usually lands mid-save); --nan-at poisons
-that step's batch. The final trainable params go to OUT.npz.
+that step's batch; --keep is the number of checkpoints kept; --hidden the MLP's width (the default 256 makes
+tensorstore write the arrays to data files, where a flipped byte goes unnoticed, not inline in its index).
+The final trainable params go to OUT.npz. A UserError (a damaged workdir, a full disk) is one `error:` line and
+exit code 2, as launch/main.py reports it.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
+from vlm_jax import errors  # noqa: E402
 from vlm_jax.train import mesh as mesh_lib  # noqa: E402
 from vlm_jax.train import trainer  # noqa: E402
 
@@ -43,6 +48,8 @@ def main():
     ap.add_argument("--nan-at", type=int, default=-1)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--keep", type=int, default=2)
     a = ap.parse_args()
     logging.set_verbosity(logging.INFO)   # the test reads the 'resumed from' line
 
@@ -64,21 +71,24 @@ def main():
                 xb[0, 0] = np.nan
             yield {"x": xb, "y": y[idx]}
 
-    params = {"mlp": {"w1": jnp.asarray(rng.normal(size=(4, 16)) * 0.5, jnp.float32),
-                      "w2": jnp.zeros((16, 1), jnp.float32)},
+    params = {"mlp": {"w1": jnp.asarray(rng.normal(size=(4, a.hidden)) * 0.5, jnp.float32),
+                      "w2": jnp.zeros((a.hidden, 1), jnp.float32)},
               "frozen": {"scale": jnp.ones(())}}
     try:
         result = trainer.fit(
             loss_fn=loss_fn, params=params, param_groups=[("mlp/.*", 1.0)],
             optim={"name": "adamw", "lr": 0.05, "weight_decay": 0.01}, num_epochs=EPOCHS, steps_per_epoch=STEPS,
             epoch_batches=epoch_batches, mesh=mesh_lib.make_mesh(), rng=jax.random.key(1), workdir=a.workdir,
-            checkpoint_every_steps=a.every, accum_steps=a.accum, log_every_s=1e9)
+            checkpoint_every_steps=a.every, accum_steps=a.accum, log_every_s=1e9, max_to_keep=a.keep)
     except trainer.Preempted as e:
         print(f"PREEMPTED {e.step}", flush=True)
         sys.exit(143)
     except trainer.TrainingDiverged as e:
         print(f"DIVERGED {e}", flush=True)
         sys.exit(3)
+    except errors.UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     np.savez(a.out, **{k: np.asarray(v) for k, v in result.state.params["mlp"].items()})
     print("DONE", flush=True)
 

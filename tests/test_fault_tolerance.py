@@ -1,8 +1,10 @@
-"""Fault tolerance of `trainer.fit`: SIGKILL / SIGTERM mid-training, a crash during a save, a NaN loss, and
-gradient accumulation. Each run is a real child process (tests/ft_child.py) so the signals are real."""
+"""Fault tolerance of `trainer.fit`: SIGKILL / SIGTERM mid-training, a crash during a save, damaged checkpoints,
+a NaN loss, and gradient accumulation. Each run is a real child process (tests/ft_child.py) so the signals and
+the files are real."""
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,11 +39,17 @@ def _steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def full_run(tmp_path_factory):
+    """(workdir, final params) of an uninterrupted run that keeps its last 5 checkpoints (steps 20-24)."""
     d = tmp_path_factory.mktemp("full")
-    proc = _child(d / "w", d / "p.npz")
+    proc = _child(d / "w", d / "p.npz", "--keep", 5)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-3000:]
-    return _params(d / "p.npz")
+    return d / "w", _params(d / "p.npz")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(full_run):
+    return full_run[1]
 
 
 def _assert_same(a, b):
@@ -87,6 +95,50 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, u
     _assert_same(_params(tmp_path / "p.npz"), uninterrupted)
 
 
+def _array_files(step_dir):
+    """The data files of a step's state (tensorstore OCDBT), largest last."""
+    return sorted(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
+
+
+def _flip_bytes(path, n=16):
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 2, len(data) // 2 + n):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_damaged_checkpoints_are_skipped_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, full_run):
+    workdir, reference = full_run
+    shutil.copytree(workdir, tmp_path / "w")
+    ckpts = tmp_path / "w" / "checkpoints" / "train"
+    assert _steps(tmp_path / "w") == [20, 21, 22, 23, 24]
+    for f in _array_files(ckpts / "24"):                      # truncated array files
+        os.truncate(f, os.path.getsize(f) // 2)
+    _flip_bytes(_array_files(ckpts / "23")[-1])               # 16 flipped bytes: tensorstore reads them silently
+    (ckpts / "22" / "state" / "_METADATA").unlink()          # deleted metadata, of the arrays ...
+    (ckpts / "21" / "meta" / "metadata").unlink()            # ... and of the trainer's own item
+    proc = _child(tmp_path / "w", tmp_path / "p.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "is damaged" in line]
+    assert [w.split("checkpoint step ")[1].split()[0] for w in warnings] == ["24", "23", "22", "21"], warnings
+    assert "checksum" in warnings[1]
+    assert "at step 20 (epoch 2, batch 4)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _steps(tmp_path / "w")[-1] == 24                  # the damaged steps were replaced by good ones
+    _assert_same(_params(tmp_path / "p.npz"), reference)
+
+
+def test_no_readable_checkpoint_is_one_error_line(tmp_path, full_run):
+    shutil.copytree(full_run[0], tmp_path / "w")
+    for step in _steps(tmp_path / "w"):
+        os.remove(tmp_path / "w" / "checkpoints" / "train" / str(step) / "state" / "_METADATA")
+    proc = _child(tmp_path / "w", tmp_path / "p.npz")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no checkpoint" in errors[0] and "reads back whole" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     proc = _child(tmp_path / "w", tmp_path / "p.npz", "--nan-at", 7, "--every", 2)
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -95,6 +147,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     with ocp.CheckpointManager(os.path.abspath(tmp_path / "w" / "checkpoints" / "train")) as m:
         restored = m.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+
+
+def test_sigterm_during_a_wait_that_never_ends_exits_after_the_grace_period():
+    """SIGTERM is honoured in every phase: a loop stuck where it cannot check the flag (a hung checkpoint wait)
+    is ended once the grace period is over, with one line and the preemption status."""
+    code = ("import os, signal, time\nfrom vlm_jax.train import trainer\n"
+            "with trainer._sigterm_flag(True, grace_s=1.0):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "preempted: SIGTERM 1 s ago and the step did not end: exiting without saving")
 
 
 # ----------------------------------------------------------------------------------------------------------

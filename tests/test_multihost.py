@@ -96,6 +96,9 @@ SCRIPT = textwrap.dedent("""
         assert not params["mlp"]["w1"].is_fully_addressable
     epochs = 3
     workdir = os.path.join(out_dir, "workdir") if mode != "fresh" else None
+    if mode == "worker":   # what launch/main.py checks first: both processes see the same workdir
+        distributed.check_shared_workdir(workdir)
+        log("workdir shared")
     result = trainer.fit(loss_fn=loss_fn, params=params, param_groups=[("mlp/.*", 1.0)],
                          optim={"name": "adam", "lr": 0.05, "decay_type": "cosine"}, num_epochs=epochs,
                          steps_per_epoch=4, epoch_batches=epoch_batches, mesh=mesh, rng=jax.random.key(0),
@@ -173,6 +176,7 @@ def runs(tmp_path_factory):
 def test_two_processes_see_four_devices_and_shard_the_batch(runs):
     _, workers = runs
     out = "".join(o for _, _, o, _ in workers)
+    assert out.count("workdir shared") == 2
     assert "[worker 0] process 0 of 2, 2 local / 4 global cpu devices" in out
     assert "[worker 1] process 1 of 2, 2 local / 4 global cpu devices" in out
     assert out.count("shard_batch OK") == 2
@@ -222,3 +226,30 @@ def test_launcher_rejects_contradicting_flags(tmp_path):
                            "--num_processes=2"], cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: --distributed=off contradicts --num_processes" in proc.stderr
+
+
+def test_two_processes_with_different_workdirs_exit_2_within_a_minute(tmp_path):
+    """A node-local workdir: each process sees its own directory. Every process says so in one line and exits."""
+    port, start = _free_port(), time.monotonic()
+    env = dict(_env(1), VLM_JAX_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "main.py"),
+                               "--config=configs/dualadapter.py:runlocal", f"--workdir={tmp_path / f'host{i}'}",
+                               f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = []
+    for i, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=max(1.0, 60 - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, err = p.communicate()
+        results.append((f"process {i}", p.returncode, out, err))
+    elapsed = time.monotonic() - start
+    assert [rc for _, rc, _, _ in results] == [2, 2], _report(results)
+    assert elapsed < 60
+    for i, (_, _, _, err) in enumerate(results):
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "process 1 of 2 does not see the file process 0 wrote" in errors[0], errors
+        assert str(tmp_path / f"host{i}") in errors[0]

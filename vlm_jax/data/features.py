@@ -11,7 +11,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import Progress
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2))
@@ -30,19 +30,99 @@ def load_all(load: Callable[[Any], np.ndarray], items: Sequence[Any]) -> np.ndar
     return np.stack(list(_POOL.map(load, items)))
 
 
+_MIB = 1 << 20
+
+
+def _content_hash(path: str) -> str:
+    """sha256 of a file's first and last MiB plus 64 evenly spaced 16 KiB blocks (the whole file if small).
+
+    Hashing a multi-GB checkpoint on every run would cost seconds to minutes, so the key samples it: the first
+    MiB holds a safetensors file's header (every tensor's name, dtype, shape and offset) and the first
+    tensors, the samples and the last MiB the rest. With the file's size this tells apart any two real
+    checkpoints short of an in-place edit of a few bytes; unlike an mtime it does not change when the same
+    bytes are written again (two runs racing to write the built-in checkpoint).
+    """
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= 4 * _MIB:
+            h.update(f.read())
+            return h.hexdigest()
+        for offset in [0, *(size * i // 65 for i in range(1, 65)), size - _MIB]:
+            f.seek(offset)
+            h.update(f.read(_MIB if offset in (0, size - _MIB) else 16384))
+    return h.hexdigest()
+
+
 def checkpoint_fingerprint(checkpoint_dir: str) -> dict[str, Any]:
-    """Identifies a checkpoint by its config and the sizes/mtimes of its weight files (cheap, no hashing)."""
+    """Identifies a checkpoint by its path and its weight files' and config's sizes and content hashes.
+
+    Also removes the temporary directories that a run killed while writing a built-in checkpoint left next
+    to it (`.<name>.tmp-*`, older than this run).
+    """
+    workdir_lib.remove_stale(os.path.dirname(os.path.abspath(checkpoint_dir)),
+                             (f".{os.path.basename(os.path.normpath(checkpoint_dir))}.tmp-*",))
     files = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith((".safetensors", "config.json")))
-    stats = {f: [os.path.getsize(os.path.join(checkpoint_dir, f)),
-                 int(os.path.getmtime(os.path.join(checkpoint_dir, f)))] for f in files}
+    stats = {f: [os.path.getsize(os.path.join(checkpoint_dir, f)), _content_hash(os.path.join(checkpoint_dir, f))]
+             for f in files}
     return {"path": os.path.realpath(checkpoint_dir), "files": stats}
+
+
+_CHECK = "__sha256__"
+
+
+def _digest(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """u8[32]: sha256 over every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(json.dumps([k, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return np.frombuffer(h.digest(), np.uint8)
+
+
+def _read_entry(path: str) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache entry, or None (with one warning) if it is missing, unreadable or fails its check."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {k: f[k] for k in f.files}
+        check = out.pop(_CHECK, None)
+        if check is None or not np.array_equal(check, _digest(out)):
+            raise ValueError("its content does not match the checksum stored with it")
+        return out
+    except Exception as e:  # noqa: BLE001 - truncated, empty, bit-flipped: BadZipFile, EOFError, zlib.error ...
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        logging.warning("features: ignoring damaged cache entry %s (%s: %s); recomputing it", path,
+                        type(e).__name__, first)
+        return None
+
+
+def _write_entry(path: str, arrays: Mapping[str, np.ndarray], key: Mapping[str, Any]) -> None:
+    """Writes the entry (with its checksum) and its readable `.json` sidecar, each atomically and durably."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with workdir_lib.atomic_file(path, suffix=".tmp.npz") as f:
+            np.savez(f, **arrays, **{_CHECK: _digest(arrays)})
+        with workdir_lib.atomic_file(path[:-4] + ".json") as f:
+            f.write(json.dumps(key, indent=1, sort_keys=True, default=str).encode())
+    except OSError as e:
+        workdir_lib.raise_if_write_failure(e, "the feature cache", "--config.feature_cache_dir")
+        raise
+
+
+_SWEPT: set[str] = set()   # cache directories this process already cleaned of stale temp files
 
 
 def cached(cache_dir: str | None, key: Mapping[str, Any], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Returns `compute()`, memoised on disk under a hash of `key` (a JSON-able mapping).
 
-    The file is written to a temporary name and renamed, so an interrupted run never leaves a truncated
-    cache entry behind. A `.json` sidecar with the key makes the cache directory readable by a person.
+    An entry carries a checksum of its arrays: one that cannot be read back whole (a truncated, empty or
+    bit-flipped file) is reported in one warning and recomputed. Entries are written to a temporary name,
+    fsynced and renamed (`workdir.atomic_file`), so a crash leaves the old entry or the new one; temp files
+    that killed runs left are removed. A `.json` sidecar with the key makes the cache directory readable by
+    a person.
 
     With several processes `compute` is collective (every process must run it), so the processes agree on
     a hit first: the cache is used only if every process can read it (a cache directory on a shared file
@@ -52,13 +132,10 @@ def cached(cache_dir: str | None, key: Mapping[str, Any], compute: Callable[[], 
         return compute()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{key.get('kind', 'features')}-{digest}.npz")
-    out = None
-    if os.path.exists(path):
-        try:
-            with np.load(path) as f:
-                out = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as e:  # a corrupt entry is recomputed, not trusted
-            logging.warning("features: ignoring unreadable cache entry %s (%s)", path, e)
+    if mesh_lib.is_primary() and cache_dir not in _SWEPT:
+        _SWEPT.add(cache_dir)
+        workdir_lib.remove_stale(cache_dir, ("*.tmp.npz", ".*.tmp.npz", ".*.json.*.tmp"))
+    out = _read_entry(path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         if not np.all(multihost_utils.process_allgather(np.array(out is not None))):
@@ -68,17 +145,7 @@ def cached(cache_dir: str | None, key: Mapping[str, Any], compute: Callable[[], 
         return out
     out = compute()
     if mesh_lib.is_primary():
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **out)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        with open(path[:-4] + ".json", "w", encoding="utf-8") as f:
-            json.dump(key, f, indent=1, sort_keys=True, default=str)
+        _write_entry(path, out, key)
     return out
 
 

@@ -30,6 +30,7 @@ from vlm_jax.eval import classification, report
 from vlm_jax.methods import dualadapter, tip_adapter
 from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train import trainer
+from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricWriter
 
 BUILTIN_CHECKPOINT = "builtin:tiny-clip"
@@ -365,8 +366,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                    "domain-generalisation sets go with imagenet (imagenetv2, imagenet_sketch, ...)")
         extra_tests[name] = extra
 
-    os.makedirs(workdir, exist_ok=True)
-    report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
+    workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     logging.info("mesh %s on %d devices; checkpoint %s; dataset %s (%d classes)", dict(mesh.shape),
                  len(jax.devices()), ckpt, ds.name, len(ds.classnames))

@@ -31,6 +31,7 @@ from vlm_jax.methods import discriminative as disc
 from vlm_jax.models import peft
 from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train import trainer
+from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricWriter
 
 TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "i2t_R@1": "I2T R@1", "i2t_R@5": "I2T R@5",
@@ -272,12 +273,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                f"{div} data-parallel devices: change train.batch_size or method.microbatches")
     steps_per_epoch = n // bs
 
-    os.makedirs(workdir, exist_ok=True)
-    report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
-    # Placed by the weights' logical axis names: replicated on the default data-parallel mesh, sharded when the
-    # mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1 --config.mesh.data=1`), so that no device needs the
-    # whole LVLM. The trainer keeps this layout.
-    # Streamed: one tensor at a time, each placed straight into its sharding (never whole on one device).
+    workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
+    # Streamed, one tensor at a time, each placed by its logical axis names: replicated on the default
+    # data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1
+    # --config.mesh.data=1`), so that no device ever holds the whole LVLM. The trainer keeps this layout.
     model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
                                                 param_dtype=jnp.dtype(config.model.get("param_dtype") or
                                                                       config.model.dtype), mesh=mesh)

@@ -67,6 +67,7 @@ from vlm_jax.methods import vitask
 from vlm_jax.models import peft
 from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train import trainer
+from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricWriter
 
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
@@ -466,8 +467,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           cfg.image_token_id, chat.image_token(ckpt))
     seqs = Seqs(fmt, instructions, train.responses + [r for rs in label_responses for r in rs])
 
-    os.makedirs(workdir, exist_ok=True)
-    report.write_atomic(os.path.join(workdir, "config.json"), lambda f: f.write(config.to_json_best_effort(indent=1)))
+    workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     repl = mesh_lib.replicated(mesh)
     writer = MetricWriter(workdir)

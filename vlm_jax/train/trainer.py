@@ -28,6 +28,8 @@ from absl import logging
 from flax import traverse_util
 
 from vlm_jax import errors
+from vlm_jax.train import checkpoints as ckpt_lib
+from vlm_jax.train import distributed
 from vlm_jax.train import mesh as mesh_lib
 from vlm_jax.train.metrics import MetricWriter, Progress
 
@@ -240,17 +242,36 @@ class Preempted(Exception):
 
 
 @contextlib.contextmanager
-def _sigterm_flag(enabled: bool):
-    """Yields an Event set by SIGTERM while the block runs (the previous handler is restored after)."""
+def _sigterm_flag(enabled: bool, grace_s: float = distributed.SIGTERM_GRACE_S):
+    """Yields an Event set by SIGTERM while the block runs (the previous handler is restored after).
+
+    The loop checks the event after each step, saves and raises `Preempted`. A run that does not get there
+    within `grace_s` (stuck in a checkpoint wait or a slow evaluation), or a second SIGTERM, ends the process
+    at once with status 143: SIGTERM is honoured in every phase.
+    """
     flag = threading.Event()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag   # signal handlers can only be installed from the main thread
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+
+    timers = []
+
+    def handler(*_):
+        if flag.is_set():
+            distributed.exit_now("preempted: a second SIGTERM: exiting without waiting for the step to end", 143)
+        flag.set()
+        timers.append(threading.Timer(grace_s, distributed.exit_now, (
+            f"preempted: SIGTERM {grace_s:.0f} s ago and the step did not end: exiting without saving", 143)))
+        timers[-1].daemon = True
+        timers[-1].start()
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield flag
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for t in timers:   # the loop saw the flag: the caller reports Preempted and exits
+            t.cancel()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,12 +354,13 @@ def fit(
 
     manager = None
     if workdir is not None:
-        manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints", name)),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-        if manager.latest_step() is not None:
-            state, best, history, sums = _restore(manager, state, best, eval_fn is not None, steps_per_epoch, name)
-            step = int(state.step)
+        directory = os.path.abspath(os.path.join(workdir, "checkpoints", name))
+        # cleanup_tmp_directories: a save that a crash or a full disk interrupted leaves a tmp folder behind.
+        manager = ckpt_lib.guarded(lambda: ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)), None, directory)
+        state, best, history, sums = _restore(manager, state, best, eval_fn is not None, steps_per_epoch, name, mesh)
+        step = int(state.step)
+        if step:
             logging.info("%s: resumed from %s at step %d (epoch %d, batch %d)", name, manager.directory, step,
                          *divmod(step, steps_per_epoch))
 
@@ -348,21 +370,22 @@ def fit(
         epoch, batch = divmod(step, steps_per_epoch)
         meta = {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch, "sums": epoch_sums,
                 "history": history, "best_metric": float(best["metric"]), "best_epoch": best["epoch"]}
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if best["params"] is not None:
-            items["best"] = ocp.args.StandardSave(best["params"])
-        manager.save(step, args=ocp.args.Composite(**items))
+        ckpt_lib.save(manager, step, state, best["params"], meta, mesh)
+
+    def finish():
+        if manager is not None:   # pending saves are of good states: let them land
+            ckpt_lib.guarded(manager.wait_until_finished, manager, str(manager.directory))
+            manager.close()
 
     def stop(exc: Exception):
-        if manager is not None:
-            manager.wait_until_finished()   # pending saves are of good states: let them land
-            manager.close()
+        finish()
         raise exc
 
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
     progress = Progress(total_steps, what=name, every_s=log_every_s, start=step)
     multihost = jax.process_count() > 1
-    with _sigterm_flag(handle_sigterm and workdir is not None and not multihost) as sigterm:
+    with (_sigterm_flag(handle_sigterm and workdir is not None and not multihost) as sigterm,
+          ckpt_lib.quiet_write_failures(), distributed.training_loop()):
         def preempted() -> bool:
             # Multi-host: orbax's check syncs the hosts (all must call it at the same step) so they stop together.
             if multihost:
@@ -379,7 +402,8 @@ def fit(
                 metrics = jax.device_get(metrics)
                 step, n = step + 1, n + 1
                 if not np.isfinite(metrics["loss"]):
-                    stop(TrainingDiverged(_diverged_message(name, "loss", metrics["loss"], step, epoch, manager)))
+                    stop(TrainingDiverged(_diverged_message(name, "loss", metrics["loss"], step, epoch, manager,
+                                                            state, best, mesh)))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 progress.update(step, {"loss": metrics["loss"]})
@@ -402,16 +426,15 @@ def fit(
                     best = {"params": jax.tree.map(jnp.copy, state.params), "metric": metric, "epoch": epoch}
             bad = {k: v for k, v in row.items() if not np.isfinite(v)}
             if bad:
-                stop(TrainingDiverged(_diverged_message(name, "epoch metrics", bad, step, epoch, manager)))
+                stop(TrainingDiverged(_diverged_message(name, "epoch metrics", bad, step, epoch, manager, state,
+                                                        best, mesh)))
             history.append(row)
             if writer is not None:
                 writer.write(step, {k: v for k, v in row.items() if k != "epoch"}, prefix=f"{name}/")
             save({})
             if epoch + 1 < num_epochs and preempted():
                 stop(Preempted(step, manager.directory))
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        finish()
     progress.update(step, force=True)
     if eval_fn is None:
         best = {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
@@ -427,35 +450,36 @@ def _master(x):
     return x
 
 
-def _restore(manager, state, best, with_best: bool, steps_per_epoch: int, name: str):
-    """Restores (state, best, history, epoch sums) from the latest checkpoint, onto `state`'s shardings."""
-    latest = manager.latest_step()
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-    meta = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta["steps_per_epoch"] != steps_per_epoch:
-        raise errors.UserError(
-            f"{name}: the checkpoint in {manager.directory} was written with {meta['steps_per_epoch']} steps per "
-            f"epoch, this run has {steps_per_epoch} (a different dataset or batch size): use a new --workdir")
-    items = {"state": ocp.args.StandardRestore(abstract(state))}
-    if with_best and meta["best_epoch"] >= 0:
-        items["best"] = ocp.args.StandardRestore(abstract(state.params))
-    restored = manager.restore(latest, args=ocp.args.Composite(**items))
-    state = restored["state"]
-    if int(state.step) != meta["epoch"] * steps_per_epoch + meta["batch"]:
-        raise errors.UserError(f"{name}: checkpoint {latest} in {manager.directory} is inconsistent (step "
-                               f"{int(state.step)} vs position {meta['epoch']}/{meta['batch']}); delete it or use a "
-                               "new --workdir")
-    if "best" in items:
-        best = {"params": restored["best"], "metric": meta["best_metric"], "epoch": meta["best_epoch"]}
-    return state, best, meta["history"], dict(meta["sums"])
+def _restore(manager, state, best, with_best: bool, steps_per_epoch: int, name: str, mesh):
+    """(state, best, history, epoch sums) from the newest checkpoint that verifies, onto `state`'s shardings;
+    the inputs unchanged when there is none."""
+    def check_meta(meta):
+        if meta["steps_per_epoch"] != steps_per_epoch:
+            raise errors.UserError(
+                f"{name}: the checkpoint in {manager.directory} was written with {meta['steps_per_epoch']} steps "
+                f"per epoch, this run has {steps_per_epoch} (a different dataset or batch size): use a new --workdir")
+
+    found = ckpt_lib.restore_newest(manager, state, state.params if with_best else None, mesh, check_meta, name)
+    if found is None:
+        return state, best, [], {}
+    step, got = found
+    meta = got["meta"]
+    if int(got["state"].step) != meta["epoch"] * steps_per_epoch + meta["batch"]:
+        raise errors.UserError(f"{name}: checkpoint {step} in {manager.directory} is inconsistent (step "
+                               f"{int(got['state'].step)} vs position {meta['epoch']}/{meta['batch']}); delete it or "
+                               "use a new --workdir")
+    if got["best"] is not None:
+        best = {"params": got["best"], "metric": meta["best_metric"], "epoch": meta["best_epoch"]}
+    return got["state"], best, meta["history"], dict(meta["sums"])
 
 
-def _diverged_message(name, what, value, step, epoch, manager) -> str:
+def _diverged_message(name, what, value, step, epoch, manager, state, best, mesh) -> str:
     if manager is not None:
-        manager.wait_until_finished()
-        last = manager.latest_step()
+        ckpt_lib.guarded(manager.wait_until_finished, manager, str(manager.directory))
+        # The newest step that reads back and verifies, not merely the newest: a rerun resumes from that one.
+        last = ckpt_lib.newest_good_step(manager, state, state.params if best["params"] is not None else None, mesh)
         kept = (f"the last good checkpoint (step {last}) in {manager.directory} is kept and a rerun resumes from it"
-                if last is not None else f"no checkpoint was written yet in {manager.directory}")
+                if last is not None else f"no good checkpoint was written yet in {manager.directory}")
     else:
         kept = "no workdir, so no checkpoint"
     return (f"{name}: non-finite {what} ({value}) at step {step}, epoch {epoch}; training stopped, {kept}. "
