@@ -119,3 +119,38 @@ def test_search_errors():
         cl.search(_dualadapter_fn, {}, jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError):
         cl.search(_dualadapter_fn, {"beta": []}, jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32))
+
+
+def _tip(f, w, keys, values, *, beta, alpha):
+    from vlm_jax.methods import tip_adapter
+    return tip_adapter.logits(f, w, keys, values, alpha=alpha, beta=beta)
+
+
+def test_search_folds_pools_held_out_counts_like_the_loop():
+    # Oracle: the loop a cross-validated search is by hand: per setting, the correct held-out predictions summed
+    # over the folds (each fold with its own cache), in numpy; the first best setting in loop order wins.
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    w = unit(rng.normal(size=(3, 6))).astype(np.float32)
+    folds = []
+    for n_held, n_cache in ((3, 6), (5, 9)):
+        keys = unit(rng.normal(size=(n_cache, 6))).astype(np.float32)
+        values = np.eye(3, dtype=np.float32)[np.arange(n_cache) % 3]
+        folds.append((unit(rng.normal(size=(n_held, 6))).astype(np.float32), rng.integers(0, 3, n_held),
+                      (w, keys, values)))
+    grids = {"beta": cl.grid(0.1, 7, 5), "alpha": cl.grid(0.1, 30, 6)}
+    best_ref, best_count = None, -1
+    for beta in grids["beta"]:
+        for alpha in grids["alpha"]:
+            count = 0
+            for f, y, (w_, k, v) in folds:
+                logits = 100 * f @ w_.T + alpha * np.exp(-beta * (1 - f @ k.T)) @ v
+                count += int((logits.argmax(-1) == y).sum())
+            if count > best_count:
+                best_ref, best_count = {"beta": beta, "alpha": alpha}, count
+    best, acc, table = cl.search_folds(_tip, grids, folds)
+    np.testing.assert_allclose([best["beta"], best["alpha"]], [best_ref["beta"], best_ref["alpha"]], rtol=1e-6)
+    np.testing.assert_allclose(acc, 100 * best_count / 8)
+    assert table.shape == (5, 6) and table.max() == acc
+    with pytest.raises(ValueError):
+        cl.search_folds(_tip, grids, [])

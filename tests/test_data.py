@@ -327,3 +327,63 @@ def test_dataset_aliases():
     assert set(meta.DUALADAPTER_TEMPLATES) == set(meta.NEGATIVE_TEMPLATES) == set(meta.COOP_LAYOUTS)
     assert all(t.count("{}") == 1 for ts in meta.NEGATIVE_TEMPLATES.values() for t in ts)
     assert all(t.count("{}") == 1 for ts in meta.DUALADAPTER_TEMPLATES.values() for t in ts)
+
+
+# Alias or case variant -> canonical name, as the references (yaml names, CoOp class names, CuPL file names) and
+# users spell them.
+ALIASES = {
+    "fgvc": "fgvc_aircraft", "FGVCAircraft": "fgvc_aircraft", "fgvc-aircraft": "fgvc_aircraft",
+    "flowers102": "oxford_flowers", "OxfordFlowers": "oxford_flowers", "food-101": "food101", "Food101": "food101",
+    "oxfordpets": "oxford_pets", "OxfordPets": "oxford_pets", "stanfordcars": "stanford_cars",
+    "Stanford_Cars": "stanford_cars", "EuroSAT": "eurosat", "DTD": "dtd", "DescribableTextures": "dtd",
+    "ImageNet": "imagenet", "caltech-101": "caltech101", "SUN397": "sun397", "UCF101": "ucf101",
+    "ImageNet-Sketch": "imagenet_sketch", "ImageNetA": "imagenet_a", "imagenet-v2": "imagenetv2",
+    "builtin": "skimage_photos", "tfds:oxford_iiit_pet": "tfds:oxford_iiit_pet",
+}
+
+
+def test_every_alias_and_case_variant_is_one_canonical_name():
+    for alias, name in ALIASES.items():
+        assert meta.canonical_name(alias) == fewshot.canonical_name(alias) == name, alias
+    with pytest.raises(DatasetError) as err:
+        meta.canonical_name("cifar10")
+    assert "unknown dataset 'cifar10'; known: imagenet, caltech101" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_template_sets_and_cupl_files_cover_every_dataset():
+    for sets in (meta.TEMPLATE_SETS["tip_adapter"], meta.TEMPLATE_SETS["dualadapter"], meta.CUPL_FILES):
+        assert set(sets) == set(meta.COOP_LAYOUTS)
+    ds = builtin_dataset()
+    assert ds.templates_of("tip_adapter") == ["a photo of a {}."] and ds.templates == ds.templates_of("dualadapter")
+    with pytest.raises(DatasetError, match="unknown template set 'clip'"):
+        ds.templates_of("clip")
+
+
+def test_cupl_folder_reads_the_datasets_official_file(tmp_path):
+    folder = tmp_path / "gpt3_prompts"  # DualAdapter's folder, with its file names
+    folder.mkdir()
+    (folder / "CuPL_prompts_oxfordpets.json").write_text(json.dumps({"Abyssinian": ["a slim cat."],
+                                                                     "american_bulldog": ["a stocky dog."]}))
+    _coop_split_dataset(tmp_path, "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                        ["abyssinian", "american_bulldog"])
+    ds = load_dataset("OxfordPets", tmp_path, cupl_path=folder)
+    assert ds.cupl_prompts == [["a slim cat."], ["a stocky dog."]]
+    with pytest.raises(DatasetError, match="has no CuPL_prompts_dtd.json .the file of dtd"):
+        load_cupl(folder, ["banded"], dataset="dtd")
+    with pytest.raises(DatasetError, match="is a folder, but skimage_photos has no official CuPL file"):
+        load_cupl(folder, ["cat"], dataset="skimage_photos")
+
+
+def test_shot_folds_hold_out_each_shot_once_and_keep_classes_balanced():
+    labels = np.array([2, 0, 1, 0, 2, 1, 1, 0, 2, 2, 1, 0])  # 3 classes x 4 shots, interleaved
+    folds = fewshot.shot_folds(labels, 3)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(12))
+    for tr, h in folds:
+        assert sorted(set(tr) | set(h)) == list(range(12)) and not set(tr) & set(h)
+        counts = np.bincount(labels[tr], minlength=3)
+        assert counts.min() == counts.max()
+    # Fold f holds out the shots whose rank within their class is f mod 3: class 0 sits at 1, 3, 7, 11.
+    assert [sorted(set(h) & {1, 3, 7, 11}) for _, h in folds] == [[1, 11], [3], [7]]
+    with pytest.raises(ValueError):
+        fewshot.shot_folds(labels, 5)

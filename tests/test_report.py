@@ -34,9 +34,25 @@ def test_table_rows_in_paper_order_with_blank_cells():
     assert lines[5] == "| DualAdapter (training-free) | 55.00 ± 5.00 | 70.00 |"
 
 
+def test_protocols_side_by_side_with_marks_and_notes():
+    paper = report.summarize(_runs())
+    runs = [dict(r, realistic={"dualadapter": {"test_accuracy": r["methods"]["dualadapter"]["test_accuracy"] - 10}})
+            for r in _runs()]
+    realistic = report.summarize(runs, protocol="realistic")
+    assert realistic["dualadapter"][1] == {"mean": 45.0, "std": 5.0, "n": 2}
+    assert report.summarize(_runs(), protocol="realistic") == {}  # runs without the protocol are skipped
+    md = report.protocols_table({"paper": paper, "realistic": realistic}, "demo",
+                                marks={"dualadapter": " ‡"}, notes=["‡ a note."])
+    lines = md.splitlines()
+    assert lines[2] == "| method | 1-shot paper | 1-shot realistic | 4-shot paper | 4-shot realistic |"
+    assert lines[4] == "| Zero-shot CLIP | 40.00 ± 0.00 |  |  |  |"
+    assert lines[5] == "| DualAdapter (training-free) ‡ | 55.00 ± 5.00 | 45.00 ± 5.00 | 70.00 | 60.00 |"
+    assert lines[-2:] == ["", "- ‡ a note."]
+
+
 def test_plot_writes_a_png(tmp_path):
     path = str(tmp_path / "sub" / "plot.png")
-    report.plot(report.summarize(_runs()), path, "demo")
+    report.plot(report.summarize(_runs()), path, "demo", realistic=report.summarize(_runs()))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path / "sub") == ["plot.png"]  # no temporary file left behind

@@ -34,8 +34,8 @@ def test_runlocal_writes_all_results(runlocal):
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     (run,) = results["runs"]
-    assert set(run["methods"]) == METHODS
-    for name, res in run["methods"].items():
+    assert set(run["methods"]) == set(run["realistic"]) == METHODS  # both protocols by default
+    for name, res in [*run["methods"].items(), *run["realistic"].items()]:
         assert 0.0 <= res["test_accuracy"] <= 100.0, name
     # Eight classes of real photos: the cache-based methods must beat chance (12.5%) by a wide margin even with
     # a random backbone, because crops of one photo share low-level statistics.
@@ -43,7 +43,8 @@ def test_runlocal_writes_all_results(runlocal):
     assert run["methods"]["dualadapter"]["test_accuracy"] > 40.0
     for name in ("config.json", "results.md", "metrics.jsonl"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-    assert "DualAdapter" in proc.stdout + proc.stderr  # the printed table
+    assert "| method | 4-shot paper | 4-shot realistic |" in proc.stdout  # the printed table, both protocols
+    assert all(r["folds"] == 2 for r in run["realistic"].values())
 
 
 def test_rerun_reads_feature_cache(runlocal, tmp_path):
@@ -67,12 +68,18 @@ def test_sweep_writes_table_and_plot(runlocal, tmp_path):
         np.testing.assert_allclose(cell["mean"], np.mean(accs))
         assert cell["n"] == 2
     assert (out / "accuracy_vs_shots.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| DualAdapter (training-free) |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| DualAdapter (training-free) |" in md
+    # Both protocols side by side for every method; 1-shot realistic falls back to the presets' initial values.
+    assert "| method | 1-shot paper | 1-shot realistic | 2-shot paper | 2-shot realistic |" in md
+    assert set(results["summary_realistic"]) == set(results["summary"]) == {"zeroshot", "tip_adapter", "dualadapter"}
+    assert {r["shots"]: r["realistic"]["dualadapter"]["folds"] for r in results["runs"]} == {1: 0, 2: 2, 4: 2}
 
 
 def test_eight_devices_equal_one_device(runlocal, tmp_path):
     workdir, _ = runlocal
-    proc = _launch(str(tmp_path / "eight"), devices=8)
+    # The papers' protocol: a realistic fold's 20 shots split into other batches on 8 devices (16, the rest dropped).
+    proc = _launch(str(tmp_path / "eight"), "--config.protocol=paper", devices=8)
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = json.load(open(os.path.join(workdir, "results.json")))["runs"][0]["methods"]
     eight = json.load(open(os.path.join(tmp_path, "eight", "results.json")))["runs"][0]["methods"]
@@ -81,16 +88,18 @@ def test_eight_devices_equal_one_device(runlocal, tmp_path):
         np.testing.assert_allclose(eight[name]["val_accuracy"], one[name]["val_accuracy"], atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("--config.model.checkpoint=/nonexistent/clip", "/nonexistent/clip"),
-    ("--config.model.checkpoint=someone/not-in-cache", "someone/not-in-cache"),
-    ("--config.data.name=eurosat", "data root"),
-    ("--config.data.shots=1000", "shots"),
-    ("--config.data.rooot=/data", 'Did you mean "root"'),
+@pytest.mark.parametrize("arg, override, expected", [
+    ("runlocal", "--config.model.checkpoint=/nonexistent/clip", "/nonexistent/clip"),
+    ("runlocal", "--config.model.checkpoint=someone/not-in-cache", "someone/not-in-cache"),
+    ("dataset=EuroSAT", "--config.model.checkpoint=builtin:tiny-clip", "no data root for dataset 'eurosat'"),
+    ("runlocal", "--config.data.name=eurosat", "took the presets"),
+    ("runlocal", "--config.data.shots=1000", "shots"),
+    ("runlocal", "--config.data.rooot=/data", 'Did you mean "root"'),
+    ("dataset=mnist", "--config.data.root=/data", "unknown dataset 'mnist'; known: imagenet"),
 ])
-def test_bad_input_is_one_line_and_no_results(tmp_path, override, expected):
+def test_bad_input_is_one_line_and_no_results(tmp_path, arg, override, expected):
     workdir = str(tmp_path / "bad")
-    proc = _launch(workdir, override)
+    proc = _launch(workdir, override, arg=arg)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, last

@@ -68,6 +68,11 @@ _PHOTOS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 _SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
+# Shaped like the CoOp datasets' sets: one hand-crafted prompt for the baselines (as Tip-Adapter's), and
+# DualAdapter's list adds a second positive template.
+TEMPLATE_SETS = {"tip_adapter": ["a photo of a {}."],
+                 "dualadapter": ["a photo of a {}.", "a close-up photo of the {}."]}
+
 
 @functools.lru_cache(maxsize=None)
 def _photo(filename: str) -> Image.Image:
@@ -122,8 +127,8 @@ def builtin_dataset(name: str = "skimage_photos", *, image_size: int = 96, train
       test_per_class: test crops per class.
 
     Returns:
-      A `FewShotDataset` of in-memory examples (`Example.array` set, `path` None),
-      templates 'a photo of a {}.' style, and three CuPL-style sentences per class. Deterministic: the
+      A `FewShotDataset` of in-memory examples (`Example.array` set, `path` None), the template sets of
+      `TEMPLATE_SETS` ('a photo of a {}.' style), and three CuPL-style sentences per class. Deterministic: the
       same arguments give identical arrays (cached, read-only).
     """
     if name != "skimage_photos":
@@ -132,7 +137,8 @@ def builtin_dataset(name: str = "skimage_photos", *, image_size: int = 96, train
     return FewShotDataset(
         name=name,
         classnames=[c for _, c, _ in _PHOTOS],
-        templates=["a photo of a {}.", "a close-up photo of the {}."],
+        templates=list(TEMPLATE_SETS["dualadapter"]),
+        template_sets={k: list(v) for k, v in TEMPLATE_SETS.items()},
         train=list(splits["train"]), val=list(splits["val"]), test=list(splits["test"]),
         cupl_prompts=[list(d) for _, _, d in _PHOTOS],
         class_subset=None,

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from vlm_jax.errors import UserError
+
+
+class DatasetError(UserError):
+    """A dataset cannot be named, loaded or sampled; the one-line message says what is missing and what to do.
+
+    A `UserError` (hence a `ValueError`): the launcher prints it as one line.
+    """
+
 # The instructions every "missing file" error points to.
 COOP_DATA_DOC = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
@@ -53,14 +62,54 @@ IMAGENET_FAMILY = ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "i
 # ImageNet-A and -R cover 200 of the 1000 classes: their logits are sliced to that subset.
 SUBSET_DATASETS = ("imagenet_a", "imagenet_r")
 
-# Names used by DualAdapter / Tip-Adapter configs and by CoOp's class names, mapped to ours.
+# Names the references use for our datasets (DualAdapter / Tip-Adapter yaml names, CoOp's class names, CuPL's file
+# names). Case, '-', '_' and spaces never matter (`canonical_name` compares letters and digits only), so 'FGVC',
+# 'Food-101', 'OxfordPets', 'stanford cars' and 'ImageNet-Sketch' need no entry here.
 DATASET_ALIASES: dict[str, str] = {
-    "fgvc": "fgvc_aircraft", "fgvcaircraft": "fgvc_aircraft", "oxfordpets": "oxford_pets",
-    "stanfordcars": "stanford_cars", "flowers102": "oxford_flowers", "oxfordflowers": "oxford_flowers",
-    "food-101": "food101", "caltech-101": "caltech101", "describabletextures": "dtd",
-    "imagenet-v2": "imagenetv2", "imagenet-sketch": "imagenet_sketch", "imagenet-a": "imagenet_a",
-    "imagenet-r": "imagenet_r", "imagenetsketch": "imagenet_sketch", "imageneta": "imagenet_a",
-    "imagenetr": "imagenet_r", "builtin": "skimage_photos",
+    "fgvc": "fgvc_aircraft", "flowers102": "oxford_flowers", "describabletextures": "dtd",
+    "imagenetv2matchedfrequency": "imagenetv2", "builtin": "skimage_photos",
+}
+
+# Every dataset name `canonical_name` returns: the CoOp datasets and the offline built-in photos ('tfds:NAME'
+# passes through unchanged).
+KNOWN_DATASETS: tuple[str, ...] = (*COOP_LAYOUTS, "skimage_photos")
+
+
+def _compact(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+_NAME_OF: dict[str, str] = {**{_compact(n): n for n in KNOWN_DATASETS},
+                            **{_compact(a): n for a, n in DATASET_ALIASES.items()}}
+
+
+def canonical_name(name: str) -> str:
+    """The one name of a dataset, for its loader, its presets, its templates and its caches.
+
+    'fgvc', 'FGVC-Aircraft', 'flowers102', 'Food-101', 'oxfordpets', 'StanfordCars', 'EuroSAT', 'DTD',
+    'ImageNet-R', 'builtin' ... all map to the name the loader and the presets use. 'tfds:NAME' is returned
+    unchanged (NAME is TFDS's own).
+
+    Raises:
+      DatasetError: an unknown name (one line listing the known ones).
+    """
+    name = name.strip()
+    if name.lower().startswith("tfds:"):
+        return "tfds:" + name[len("tfds:"):]
+    try:
+        return _NAME_OF[_compact(name)]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)} (or builtin), tfds:NAME; "
+                           f"case, '-' and '_' do not matter, and fgvc, flowers102 are accepted") from None
+
+
+# CuPL's GPT-3 descriptions, as DualAdapter ships them: gpt3_prompts/<file> (`load_cupl` accepts the folder).
+CUPL_FILES: dict[str, str] = {
+    "imagenet": "CuPL_prompts_imagenet.json", "caltech101": "CuPL_prompts_caltech101.json",
+    "oxford_pets": "CuPL_prompts_oxfordpets.json", "stanford_cars": "CuPL_prompts_stanfordcars.json",
+    "oxford_flowers": "CuPL_prompts_flowers102.json", "food101": "CuPL_prompts_food101.json",
+    "fgvc_aircraft": "CuPL_prompts_fgvcaircraft.json", "sun397": "CuPL_prompts_sun397.json",
+    "dtd": "CuPL_prompts_dtd.json", "eurosat": "CuPL_prompts_eurosat.json", "ucf101": "CuPL_prompts_ucf101.json",
 }
 
 # CoOp's EuroSAT NEW_CNAMES (folder name -> natural name).
@@ -172,7 +221,12 @@ for _name in ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
     TIP_ADAPTER_TEMPLATES[_name] = TIP_ADAPTER_TEMPLATES["imagenet"]
     DUALADAPTER_TEMPLATES[_name] = DUALADAPTER_TEMPLATES["imagenet"]
     NEGATIVE_TEMPLATES[_name] = NEGATIVE_TEMPLATES["imagenet"]
+    CUPL_FILES[_name] = CUPL_FILES["imagenet"]
 
+# The positive template lists a method can use (`configs/dualadapter.py`: config.templates): 'tip_adapter' is
+# what the official Tip-Adapter code scores both its zero-shot CLIP and its Tip-Adapter(-F) rows with (CLIP's
+# hand-crafted prompt per dataset as CoOp lists them, CLIP's 7 selected templates for ImageNet); 'dualadapter'
+# adds DualAdapter's extra positive templates.
 TEMPLATE_SETS: dict[str, dict[str, list[str]]] = {
     "dualadapter": DUALADAPTER_TEMPLATES, "tip_adapter": TIP_ADAPTER_TEMPLATES,
 }

@@ -32,14 +32,10 @@ import numpy as np
 
 from vlm_jax.data import datasets_meta as meta
 from vlm_jax.data.preprocess import load_image
-from vlm_jax.errors import UserError
 
 
-class DatasetError(UserError):
-    """A dataset cannot be loaded or sampled; the one-line message says what is missing and what to do.
-
-    A `UserError` (hence a `ValueError`): the launcher prints it as one line.
-    """
+# Defined beside the name table (which raises it too); re-exported here, where the loaders raise it.
+DatasetError = meta.DatasetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +64,8 @@ class FewShotDataset:
       class_subset: i32[S] sorted labels the test set covers, for ImageNet-A/-R (None: all classes).
         Labels stay in the full label space; evaluate on `logits[:, class_subset]`.
       negative_templates: DualAdapter's negative templates ('a photo without {}.').
+      template_sets: set name ('dualadapter', 'tip_adapter': `meta.TEMPLATE_SETS`) -> that paper's positive
+        templates for this dataset; None: the dataset has one list (`templates`) for every method (TFDS).
     """
     name: str
     classnames: list[str]
@@ -78,6 +76,22 @@ class FewShotDataset:
     cupl_prompts: list[list[str]] | None = None
     class_subset: np.ndarray | None = None
     negative_templates: list[str] = dataclasses.field(default_factory=lambda: list(meta.DEFAULT_NEGATIVE_TEMPLATES))
+    template_sets: dict[str, list[str]] | None = None
+
+    def templates_of(self, template_set: str) -> list[str]:
+        """The positive templates of `template_set` ('dualadapter' or 'tip_adapter') for this dataset.
+
+        Raises:
+          DatasetError: an unknown set name, or a set this dataset does not define.
+        """
+        if template_set not in meta.TEMPLATE_SETS:
+            raise DatasetError(f"unknown template set {template_set!r}; known: {', '.join(meta.TEMPLATE_SETS)}")
+        if self.template_sets is None:
+            return list(self.templates)
+        if template_set not in self.template_sets:
+            raise DatasetError(f"{self.name} has no {template_set!r} templates; it has: "
+                               f"{', '.join(self.template_sets)}")
+        return list(self.template_sets[template_set])
 
     @property
     def num_classes(self) -> int:
@@ -234,9 +248,12 @@ def _load_imagenet_family(name: str, root: str) -> dict:
 
 
 def canonical_name(name: str) -> str:
-    """Maps aliases ('fgvc', 'imagenet-a', ...) to the canonical dataset name."""
-    key = name.strip().lower()
-    return meta.DATASET_ALIASES.get(key, key)
+    """Maps aliases and case variants ('fgvc', 'Food-101', 'ImageNet-R', ...) to the canonical dataset name.
+
+    Raises:
+      DatasetError: an unknown name (see `datasets_meta.canonical_name`).
+    """
+    return meta.canonical_name(name)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None, *, cupl_path: str | os.PathLike | None = None,
@@ -249,9 +266,10 @@ def load_dataset(name: str, root: str | os.PathLike | None, *, cupl_path: str | 
         imagenet_r) or an alias; also 'skimage_photos' (the offline builtin set, `root` ignored) and
         'tfds:NAME' (a TFDS array_record dataset, `root` is its data_dir).
       root: the CoOp data root ($DATA in CoOp's DATASETS.md).
-      cupl_path: optional CuPL json (class name -> sentences) for `cupl_prompts`.
-      template_set: 'dualadapter' (DualAdapter's templates) or 'tip_adapter' (one per dataset, 7 for
-        ImageNet).
+      cupl_path: optional CuPL json (class name -> sentences) for `cupl_prompts`, or the folder of them
+        (DualAdapter's `gpt3_prompts/`), from which the dataset's file (`meta.CUPL_FILES`) is read.
+      template_set: the set that fills `templates`: 'dualadapter' (DualAdapter's templates) or 'tip_adapter'
+        (one per dataset, 7 for ImageNet); `template_sets` holds both either way.
 
     Returns:
       The `FewShotDataset` with full train / val / test splits.
@@ -263,15 +281,14 @@ def load_dataset(name: str, root: str | os.PathLike | None, *, cupl_path: str | 
         from vlm_jax.data.tfds_source import tfds_dataset  # local: keeps tfds off the CoOp path.
         return tfds_dataset(name[len("tfds:"):], None if root is None else os.fspath(root), cupl_path=cupl_path)
     key = canonical_name(name)
+    if template_set not in meta.TEMPLATE_SETS:
+        raise ValueError(f"template_set must be one of {list(meta.TEMPLATE_SETS)}, got {template_set!r}")
     if key == "skimage_photos":
         from vlm_jax.data.builtin import builtin_dataset
         ds = builtin_dataset(key)
-        return ds if cupl_path is None else dataclasses.replace(ds, cupl_prompts=load_cupl(cupl_path, ds.classnames))
-    if key not in meta.COOP_LAYOUTS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(meta.COOP_LAYOUTS)}, skimage_photos, "
-                           f"tfds:NAME")
-    if template_set not in meta.TEMPLATE_SETS:
-        raise ValueError(f"template_set must be one of {list(meta.TEMPLATE_SETS)}, got {template_set!r}")
+        ds = dataclasses.replace(ds, templates=ds.templates_of(template_set))
+        return ds if cupl_path is None else dataclasses.replace(
+            ds, cupl_prompts=load_cupl(cupl_path, ds.classnames, dataset=key))
     if root is None:
         raise DatasetError(f"{key}: no data root given; {_howto(key)}")
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
@@ -293,23 +310,26 @@ def load_dataset(name: str, root: str | os.PathLike | None, *, cupl_path: str | 
     return FewShotDataset(
         name=key, classnames=classnames, templates=list(meta.TEMPLATE_SETS[template_set][key]),
         train=splits["train"], val=splits["val"], test=splits["test"],
-        cupl_prompts=None if cupl_path is None else load_cupl(cupl_path, classnames),
-        class_subset=class_subset, negative_templates=list(meta.NEGATIVE_TEMPLATES[key]))
+        cupl_prompts=None if cupl_path is None else load_cupl(cupl_path, classnames, dataset=key),
+        class_subset=class_subset, negative_templates=list(meta.NEGATIVE_TEMPLATES[key]),
+        template_sets={k: list(v[key]) for k, v in meta.TEMPLATE_SETS.items()})
 
 
 def _norm_key(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
-def load_cupl(path: str | os.PathLike, classnames: Sequence[str]) -> list[list[str]]:
+def load_cupl(path: str | os.PathLike, classnames: Sequence[str], dataset: str | None = None) -> list[list[str]]:
     """Reads CuPL's GPT-3 descriptions (a json: class name -> list of sentences) in label order.
 
     Names match case-insensitively, with '_' and ' ' (and repeated spaces) treated alike, so CuPL's keys
     ('Annual Crop Land', 'american_bulldog') meet our cleaned names.
 
     Args:
-      path: the CuPL json (e.g. DualAdapter's gpt3_prompts/CuPL_prompts_<dataset>.json).
+      path: the CuPL json (e.g. DualAdapter's gpt3_prompts/CuPL_prompts_<dataset>.json), or a folder holding
+        the official files (DualAdapter's `gpt3_prompts/`): then `dataset`'s file is read (`meta.CUPL_FILES`).
       classnames: the dataset's class names, label order.
+      dataset: canonical dataset name; needed when `path` is a folder.
 
     Returns:
       One non-empty list of sentences per class.
@@ -318,6 +338,14 @@ def load_cupl(path: str | os.PathLike, classnames: Sequence[str]) -> list[list[s
       DatasetError: the file is missing or malformed, or a class has no (or empty) entry.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        if dataset not in meta.CUPL_FILES:
+            raise DatasetError(f"CuPL path {path} is a folder, but {dataset or 'this dataset'} has no official CuPL "
+                               f"file name (known for {', '.join(sorted(set(meta.CUPL_FILES)))}); pass the json")
+        folder, path = path, os.path.join(path, meta.CUPL_FILES[dataset])
+        if not os.path.exists(path):
+            raise DatasetError(f"CuPL folder {folder} has no {meta.CUPL_FILES[dataset]} (the file of {dataset}); "
+                               f"use DualAdapter's gpt3_prompts/ folder or pass the json itself")
     if not os.path.exists(path):
         raise DatasetError(f"CuPL prompt file not found: {path}; pass the CuPL json of this dataset "
                            f"(DualAdapter ships them as gpt3_prompts/CuPL_prompts_<dataset>.json)")
@@ -384,6 +412,33 @@ def sample_few_shot(examples: Sequence[Example], shots: int, seed: int = 1) -> l
     rng = random.Random(seed)
     chosen = {y: rng.sample(idx, shots) for y, idx in by_label.items()}
     return [examples[i] for y in sorted(chosen) for i in chosen[y]]
+
+
+def shot_folds(labels: Sequence[int] | np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k-fold cross-validation over a K-shot support set, splitting the shots of every class.
+
+    Shot s of a class (its s-th example in `labels` order) is held out in fold s % folds, so every fold keeps
+    K - |held out| shots of *every* class (caches stay balanced, as `dualadapter.build_caches` needs) and
+    every example is held out exactly once.
+
+    Args:
+      labels: i[N] labels of the support set (K shots per class, any order).
+      folds: number of folds, 2 <= folds <= K.
+
+    Returns:
+      One (train indices i64[N_train], held-out indices i64[N_held]) pair per fold, indices into `labels`.
+    """
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    shots = int(counts[counts > 0].min()) if labels.size else 0
+    if not 2 <= folds <= shots:
+        raise ValueError(f"folds must be in [2, shots={shots}], got {folds}")
+    rank = np.zeros(labels.shape[0], np.int64)  # position of each example among its class's examples
+    seen: dict[int, int] = collections.defaultdict(int)
+    for i, y in enumerate(labels.tolist()):
+        rank[i], seen[y] = seen[y], seen[y] + 1
+    fold_of = rank % folds
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
 
 
 Transform = Callable[..., np.ndarray]

@@ -10,7 +10,7 @@ memory stays bounded, and only integer correct counts per setting leave the devi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import chex
@@ -108,6 +108,30 @@ def _grid_counts(logits_fn, names, values, features, labels, valid, args, batch_
     return per_block.sum(axis=0)
 
 
+def grid_counts(logits_fn: Callable[..., jax.Array], grids: Mapping[str, Any], features: Any, labels: jax.Array, *,
+                args: tuple[Any, ...] = (), valid: jax.Array | None = None, batch_size: int = 64,
+                chunk: int | None = None) -> np.ndarray:
+    """Correct predictions for every setting of the grid: i64[n_1, ..., n_k] (see `search` for the arguments)."""
+    names = tuple(grids)
+    if not names:
+        raise ValueError("search needs at least one grid axis")
+    host_values = [np.asarray(grids[k]).reshape(-1) for k in names]
+    if any(v.size == 0 for v in host_values):
+        raise ValueError(f"empty grid axis in {dict(zip(names, (v.size for v in host_values)))}")
+    values = tuple(jnp.asarray(v, jnp.float32) for v in host_values)
+    labels = jnp.asarray(labels)
+    valid = jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    return np.asarray(_grid_counts(logits_fn, names, values, features, labels, valid, tuple(args),
+                                   int(min(batch_size, max(labels.shape[0], 1))), chunk)).astype(np.int64)
+
+
+def _best(grids: Mapping[str, Any], counts: np.ndarray, n: int) -> tuple[dict[str, float], float, np.ndarray]:
+    table = 100.0 * counts / max(n, 1)
+    idx = np.unravel_index(int(np.argmax(counts)), counts.shape)  # first maximum in row-major = loop order
+    best = {k: float(np.asarray(v).reshape(-1)[i]) for (k, v), i in zip(grids.items(), idx)}
+    return best, float(table[idx]), table
+
+
 def search(logits_fn: Callable[..., jax.Array], grids: Mapping[str, Any], features: Any, labels: jax.Array, *,
            args: tuple[Any, ...] = (), valid: jax.Array | None = None, batch_size: int = 64,
            chunk: int | None = None) -> tuple[dict[str, float], float, np.ndarray]:
@@ -133,19 +157,27 @@ def search(logits_fn: Callable[..., jax.Array], grids: Mapping[str, Any], featur
     Returns:
       (best: name -> float grid value, best accuracy in percent, table f64[n_1, ..., n_k] of accuracies).
     """
-    names = tuple(grids)
-    if not names:
-        raise ValueError("search needs at least one grid axis")
-    host_values = [np.asarray(grids[k]).reshape(-1) for k in names]
-    if any(v.size == 0 for v in host_values):
-        raise ValueError(f"empty grid axis in {dict(zip(names, (v.size for v in host_values)))}")
-    values = tuple(jnp.asarray(v, jnp.float32) for v in host_values)
-    labels = jnp.asarray(labels)
-    valid = jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    n = int(np.sum(np.asarray(valid)))
-    counts = np.asarray(_grid_counts(logits_fn, names, values, features, labels, valid, tuple(args),
-                                     int(min(batch_size, max(labels.shape[0], 1))), chunk))
-    table = 100.0 * counts / max(n, 1)
-    idx = np.unravel_index(int(np.argmax(counts)), counts.shape)  # first maximum in row-major = loop order
-    best = {k: float(v[i]) for k, v, i in zip(names, host_values, idx)}
-    return best, float(table[idx]), table
+    counts = grid_counts(logits_fn, grids, features, labels, args=args, valid=valid, batch_size=batch_size,
+                         chunk=chunk)
+    n = int(np.sum(np.asarray(valid))) if valid is not None else int(np.shape(labels)[0])
+    return _best(grids, counts, n)
+
+
+def search_folds(logits_fn: Callable[..., jax.Array], grids: Mapping[str, Any],
+                 folds: Sequence[tuple[Any, jax.Array, tuple[Any, ...]]], *, batch_size: int = 64,
+                 chunk: int | None = None) -> tuple[dict[str, float], float, np.ndarray]:
+    """Cross-validated `search`: the setting with the most correct held-out predictions over all folds.
+
+    Args:
+      logits_fn, grids, batch_size, chunk: as in `search`.
+      folds: one (held-out features, held-out labels i32[n_f], args) per fold; `args` are that fold's own
+        (e.g. a cache built without the held-out shots).
+
+    Returns:
+      (best setting, its pooled held-out accuracy in percent, table of pooled accuracies).
+    """
+    if not folds:
+        raise ValueError("search_folds needs at least one fold")
+    counts = sum(grid_counts(logits_fn, grids, f, y, args=a, batch_size=batch_size, chunk=chunk)
+                 for f, y, a in folds)
+    return _best(grids, counts, sum(int(np.shape(y)[0]) for _, y, _ in folds))

@@ -31,35 +31,70 @@ METHOD_NAMES = {
 }
 
 
-def summarize(runs: Sequence[Mapping[str, Any]], metric: str = "test_accuracy") -> dict[str, dict[int, dict[str, float]]]:
-    """runs: [{'shots', 'seed', 'methods': {name: {metric: ...}}}] -> {method: {shots: {mean, std, n}}}.
+# Column labels of the two hyperparameter protocols (`configs/dualadapter.py`), keyed by their entry in a run.
+PROTOCOL_NAMES = {"methods": "paper", "realistic": "realistic"}
 
-    std is the population standard deviation over seeds (numpy's default), as CoOp-style tables report it.
+
+def summarize(runs: Sequence[Mapping[str, Any]], metric: str = "test_accuracy",
+              protocol: str = "methods") -> dict[str, dict[int, dict[str, float]]]:
+    """runs: [{'shots', 'seed', protocol: {name: {metric: ...}}}] -> {method: {shots: {mean, std, n}}}.
+
+    `protocol` is the entry of each run to read: 'methods' (the papers' protocol) or 'realistic'; runs without
+    it are skipped. std is the population standard deviation over seeds (numpy's default), as CoOp-style tables
+    report it.
     """
     acc: dict[str, dict[int, list[float]]] = {}
     for run in runs:
-        for name, res in run["methods"].items():
+        for name, res in run.get(protocol, {}).items():
             acc.setdefault(name, {}).setdefault(int(run["shots"]), []).append(float(res[metric]))
     return {name: {s: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for s, v in sorted(by.items())}
             for name, by in acc.items()}
 
 
-def table(summary: Mapping[str, Mapping[int, Mapping[str, float]]], title: str = "") -> str:
-    """A markdown table: one row per method, one column per shot count, cells 'mean +- std' (or 'mean' if n=1)."""
-    shots = sorted({s for by in summary.values() for s in by})
-    head = "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |"
-    lines = ([f"### {title}", ""] if title else []) + [head, "|" + "---|" * (len(shots) + 1)]
-    for name in sorted(summary, key=lambda n: list(METHOD_NAMES).index(n) if n in METHOD_NAMES else 99):
+def table(summary: Mapping[str, Mapping[int, Mapping[str, float]]], title: str = "", *,
+          marks: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+    """A markdown table: one row per method, one column per shot count, cells 'mean +- std' (or 'mean' if n=1).
+
+    Args:
+      summary: from `summarize`.
+      title: a '### title' line above the table.
+      marks: method -> suffix of its row name (e.g. ' †' for a row obtained under another protocol).
+      notes: lines under the table, one bullet each (what the marks mean, settings that depart from the paper).
+    """
+    return protocols_table({"": summary}, title, marks=marks, notes=notes)
+
+
+def protocols_table(summaries: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]], title: str = "", *,
+                    marks: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+    """`table` with the protocols side by side: for each shot count one column per protocol.
+
+    Args:
+      summaries: column label (e.g. 'paper', 'realistic'; '' for none) -> summary from `summarize`.
+      title, marks, notes: as in `table`.
+    """
+    marks = marks or {}
+    shots = sorted({s for summary in summaries.values() for by in summary.values() for s in by})
+    cols = [(s, label) for s in shots for label in summaries]
+    head = "| method | " + " | ".join(f"{s}-shot {label}".rstrip() for s, label in cols) + " |"
+    lines = ([f"### {title}", ""] if title else []) + [head, "|" + "---|" * (len(cols) + 1)]
+    names = {n for summary in summaries.values() for n in summary}
+    for name in sorted(names, key=lambda n: list(METHOD_NAMES).index(n) if n in METHOD_NAMES else 99):
         cells = []
-        for s in shots:
-            c = summary[name].get(s)
+        for s, label in cols:
+            c = summaries[label].get(name, {}).get(s)
             cells.append("" if c is None else f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if c["n"] > 1 else ""))
-        lines.append(f"| {METHOD_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {METHOD_NAMES.get(name, name)}{marks.get(name, '')} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, title: str = "") -> None:
-    """Accuracy vs shots (log2 x axis), one line per method with a +-std band, saved as PNG (process 0 only)."""
+def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, title: str = "",
+         realistic: Mapping[str, Mapping[int, Mapping[str, float]]] | None = None) -> None:
+    """Accuracy vs shots (log2 x axis), one line per method with a +-std band, saved as PNG (process 0 only).
+
+    `realistic`, if given, adds each method's realistic-protocol curve, dashed in the same colour.
+    """
     if not _is_primary():
         return
     import matplotlib
@@ -67,14 +102,19 @@ def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, ti
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for name, by in summary.items():
-        shots = sorted(by)
-        mean = np.array([by[s]["mean"] for s in shots])
-        std = np.array([by[s]["std"] for s in shots])
-        ax.plot(shots, mean, marker="o", label=METHOD_NAMES.get(name, name))
-        ax.fill_between(shots, mean - std, mean + std, alpha=0.15)
+    colours = {}
+    for dashed, curves in ((False, summary), (True, realistic or {})):
+        for name, by in curves.items():
+            shots = sorted(by)
+            mean = np.array([by[s]["mean"] for s in shots])
+            std = np.array([by[s]["std"] for s in shots])
+            label = METHOD_NAMES.get(name, name) + (" (realistic)" if dashed else "")
+            line, = ax.plot(shots, mean, marker="o", linestyle="--" if dashed else "-", label=label,
+                            color=colours.get(name))
+            colours.setdefault(name, line.get_color())
+            ax.fill_between(shots, mean - std, mean + std, alpha=0.15, color=colours[name])
     ax.set_xscale("log", base=2)
-    all_shots = sorted({s for by in summary.values() for s in by})
+    all_shots = sorted({s for c in (summary, realistic or {}) for by in c.values() for s in by})
     ax.set_xticks(all_shots, [str(s) for s in all_shots])
     ax.set_xlabel("shots per class")
     ax.set_ylabel("test accuracy (%)")

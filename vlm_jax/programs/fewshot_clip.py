@@ -1,8 +1,9 @@
 """Few-shot CLIP adaptation: zero-shot CLIP, Tip-Adapter(-F) and DualAdapter(-F) on one dataset.
 
 Data flow: config -> dataset + few-shot sample -> CLIP (converted HF weights) -> cached features -> method
-(pure functions of features) -> generic trainer for the fine-tuned variants -> hyperparameter search on val ->
-test accuracy -> workdir (config.json, metrics.jsonl, TensorBoard events, results.json, results.md, plot).
+(pure functions of features, `fewshot_methods`) -> generic trainer for the fine-tuned variants ->
+hyperparameter search on val -> test accuracy -> workdir (config.json, metrics.jsonl, TensorBoard events,
+results.json, results.md, plot).
 
 Everything a user can get wrong (checkpoint, data root, split files, shots) is checked before the workdir gets
 any result file, and reported as one `UserError` line.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 import jax
@@ -24,16 +24,18 @@ from absl import logging
 from vlm_jax import errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import loader
+from vlm_jax.data import datasets_meta as meta
 from vlm_jax.data import features as feats
 from vlm_jax.data import fewshot, preprocess, tokenize
-from vlm_jax.eval import classification, report
-from vlm_jax.methods import dualadapter, tip_adapter
+from vlm_jax.eval import report
+from vlm_jax.programs import fewshot_methods, fewshot_realistic
 from vlm_jax.train import mesh as mesh_lib
-from vlm_jax.train import trainer
 from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricWriter
 
 BUILTIN_CHECKPOINT = "builtin:tiny-clip"
+# config.protocol -> the protocols it runs (see configs/dualadapter.py and `fewshot_realistic`).
+PROTOCOLS = {"paper": ("paper",), "realistic": ("realistic",), "both": ("paper", "realistic")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,18 +68,39 @@ def resolve_checkpoint(spec: str, cache_root: str, config_file: str = "configs/d
 
 
 def load_data(dc: ml_collections.ConfigDict) -> fewshot.FewShotDataset:
-    name = dc.name
-    if name == "builtin":
-        from vlm_jax.data import builtin
-        return builtin.builtin_dataset()
+    """The dataset of `dc.name`, which must be the dataset whose presets the config chose (`dc.preset`)."""
+    name = meta.canonical_name(dc.name)
+    if name != dc.preset:
+        raise errors.UserError(
+            f"config.data.name={dc.name!r} but the config took the presets (search ranges, epochs, learning rates) "
+            f"of {dc.preset!r}: name the dataset in the config argument, "
+            f"--config=configs/dualadapter.py:dataset={dc.name}, so that its presets apply")
+    cupl = dc.cupl_path or None
     if name.startswith("tfds:"):
         from vlm_jax.data import tfds_source
-        return tfds_source.tfds_dataset(name[len("tfds:"):], data_dir=dc.tfds_data_dir or None)
-    if not dc.root:
+        return tfds_source.tfds_dataset(name[len("tfds:"):], data_dir=dc.tfds_data_dir or None, cupl_path=cupl)
+    if name != "skimage_photos" and not dc.root:
         raise errors.UserError(
             f"no data root for dataset {name!r}: pass --config.data.root=/path/to/coop_data or set VLM_JAX_DATA "
             "(layout: CoOp's DATASETS.md), or try the offline default: --config=configs/dualadapter.py:runlocal")
-    return fewshot.load_dataset(name, dc.root, cupl_path=dc.cupl_path or None)
+    return fewshot.load_dataset(name, dc.root or None, cupl_path=cupl)
+
+
+def training_subsets(config, train, shots: int, seed: int) -> tuple[list[fewshot.Example], list[fewshot.Example]]:
+    """(cache subset, DualAdapter-F's training subset) for one (shots, seed).
+
+    The cache holds the K shots drawn with `seed` (the official extract_features.py: random.seed(1)). With
+    config.dualadapter.train.data = 'second_draw' DualAdapter-F trains on a second K-shot draw with seed
+    draw_seed + seed - sampling_seed (the official main.py: random.seed(3407) for sampling seed 1); with 'cache'
+    on the cache subset itself.
+    """
+    tc = config.dualadapter.train
+    few = fewshot.sample_few_shot(train, shots, seed)
+    if tc.data == "cache":
+        return few, few
+    if tc.data != "second_draw":
+        raise errors.UserError(f"dualadapter.train.data must be 'second_draw' or 'cache', got {tc.data!r}")
+    return few, fewshot.sample_few_shot(train, shots, tc.draw_seed + seed - tc.sampling_seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,23 +171,29 @@ def _key(bb: Backbone, dc, **extra) -> dict[str, Any]:
     return {"checkpoint": bb.fingerprint, "dataset": dc.name, "root": dc.root, "preprocess": bb.pp, **extra}
 
 
-def text_features(bb: Backbone, ds: fewshot.FewShotDataset, dc, cache_dir) -> dict[str, np.ndarray]:
+def text_features(bb: Backbone, ds: fewshot.FewShotDataset, dc, template_sets, cache_dir) -> dict[str, np.ndarray]:
+    """Classifiers f32[C, D]: 'template/<set>' for each set in `template_sets`, 'negative', and 'cupl' if any."""
+    prompts = {f"template/{t}": ds.templates_of(t) for t in sorted(set(template_sets))}
+
     def compute():
-        out = {
-            "template": bb.text_classifier([[t.format(c) for t in ds.templates] for c in ds.classnames], dc.batch_size),
-            "negative": bb.text_classifier([[t.format(c) for t in ds.negative_templates] for c in ds.classnames],
-                                           dc.batch_size),
-        }
+        out = {k: bb.text_classifier([[t.format(c) for t in ts] for c in ds.classnames], dc.batch_size)
+               for k, ts in prompts.items()}
+        out["negative"] = bb.text_classifier([[t.format(c) for t in ds.negative_templates] for c in ds.classnames],
+                                             dc.batch_size)
         if ds.cupl_prompts is not None:
             out["cupl"] = bb.text_classifier(ds.cupl_prompts, dc.batch_size)
         return out
-    key = _key(bb, dc, kind="text", classnames=ds.classnames, templates=ds.templates,
+    key = _key(bb, dc, kind="text", classnames=ds.classnames, templates=prompts,
                negative=ds.negative_templates, cupl=ds.cupl_prompts)
     return feats.cached(cache_dir, key, compute)
 
 
-def eval_features(bb: Backbone, examples, dc, split: str, cache_dir) -> dict[str, np.ndarray]:
-    if dc.max_eval_examples and len(examples) > dc.max_eval_examples:
+def eval_features(bb: Backbone, examples, dc, split: str, cache_dir, cap: bool = True) -> dict[str, np.ndarray]:
+    """{'features' f32[N, D] normalised, 'labels' i32[N]} of `examples` through the evaluation transform.
+
+    `cap`: honour data.max_eval_examples (val/test); the support set is never subsampled.
+    """
+    if cap and dc.max_eval_examples and len(examples) > dc.max_eval_examples:
         # An even stride, not a prefix: splits are often sorted by class.
         examples = examples[::-(-len(examples) // dc.max_eval_examples)]
     def compute():
@@ -189,155 +218,6 @@ def cache_features(bb: Backbone, few: list[fewshot.Example], dc, shots, seed, ca
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fine-tuning through the generic trainer (Tip-Adapter-F, DualAdapter-F).
-
-def finetune(bb: Backbone, few, tc, *, name: str, adapter, consts, method_loss, eval_logits, val, seed: int,
-             workdir: str, writer: MetricWriter, rng: jax.Array):
-    """Trains `adapter` on freshly augmented few-shot images each epoch; the CLIP forward runs inside the step.
-
-    Args:
-      tc: train config (epochs, batch_size, optim, param_groups).
-      adapter: trainable pytree; consts: frozen arrays the loss needs (text classifiers, caches).
-      method_loss: (adapter, features f32[B, D], labels i32[B], **consts) -> (loss, metrics).
-      eval_logits: (adapter, features, **consts) -> logits at the method's initial hyperparameters; its val
-        accuracy picks the best epoch, as the references do.
-    Returns:
-      trainer.FitResult.
-    """
-    n, div = len(few), mesh_lib.batch_divisor(bb.mesh)
-    bs = max(div, min(tc.batch_size, n) // div * div)
-    # The reference keeps the last, smaller batch (drop_last=False); we keep it too when the mesh can split it.
-    sizes = [bs] * (n // bs) + ([n % bs // div * div] if n % bs >= div else [])
-    labels = np.array([e.label for e in few], np.int32)
-
-    def epoch_batches(epoch):
-        order = np.random.default_rng([seed, 7919, epoch]).permutation(n)
-        start = 0
-        for size in sizes:
-            idx = order[start:start + size]
-            start += size
-            items = [(few[i], (seed, 100_000 + epoch, int(i))) for i in idx]
-            yield {"images": feats.load_all(bb.augment_transform, items), "labels": labels[idx]}
-
-    encode = bb.model.encode_image
-
-    def loss_fn(params, batch, rng):
-        del rng
-        f = bb.model.apply({"params": params["clip"]}, batch["images"], method=encode)
-        f = jax.lax.stop_gradient(f / jnp.linalg.norm(f, axis=-1, keepdims=True))
-        return method_loss(params["adapter"], f, batch["labels"], **params["consts"])
-
-    val_logits = jax.jit(lambda a, c: eval_logits(a, val["features"], **c))
-    consts_dev = jax.device_put(consts, mesh_lib.replicated(bb.mesh))
-
-    def eval_fn(adapter):
-        return {"accuracy": float(classification.accuracy(val_logits(adapter["adapter"], consts_dev), val["labels"]))}
-
-    return trainer.fit(
-        loss_fn=loss_fn, params={"clip": bb.params, "adapter": adapter, "consts": consts},
-        param_groups=[tuple(g) for g in tc.param_groups], optim=tc.optim.to_dict(), num_epochs=tc.epochs,
-        steps_per_epoch=len(sizes), epoch_batches=epoch_batches, mesh=bb.mesh, rng=rng, eval_fn=eval_fn,
-        select="accuracy", workdir=workdir, writer=writer, name=name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The methods. Module-level logits functions: `classification.search` jits them by identity.
-
-def _tip_logits(f, w, keys, values, *, beta, alpha):
-    return tip_adapter.logits(f, w, keys, values, alpha=alpha, beta=beta)
-
-
-def _dual_logits(f, w_pos, w_neg, caches, *, beta, alpha, lam):
-    return dualadapter.logits(f, w_pos, w_neg, caches, alpha=alpha, beta=beta, lam=lam)
-
-
-def _dual_adapted(residuals, w_template, w_cupl, w_neg, caches):
-    w_pos, _, _, w_n, keys, neg_keys = dualadapter.adapt(residuals, w_template, w_cupl, w_neg, caches)
-    return w_pos, w_n, caches.replace(keys=keys, neg_keys=neg_keys)
-
-
-def _grids(search_cfg) -> dict[str, np.ndarray]:
-    return {k: classification.grid(g.start, g.stop, g.steps) for k, g in search_cfg.items()}
-
-
-def _search(logits_fn, args, grids, val) -> tuple[Any, dict[str, Any]]:
-    """Searches `grids` on val (the reference's loop order); returns (features -> logits, result dict)."""
-    t0 = time.time()
-    best, val_acc, table = classification.search(logits_fn, grids, val["features"], val["labels"], args=args)
-    logging.info("search over %d settings: %.1f s", table.size, time.time() - t0)
-    return functools.partial(logits_fn, **best), {"val_accuracy": val_acc, "hparams": best}, args
-
-
-def run_methods(config, methods, bb: Backbone, ds, few, text, val, tests, cache, *, shots, seed, workdir, writer,
-                rng):
-    """Runs `methods` for one (shots, seed).
-
-    Args:
-      tests: name -> (features dict, class_subset or None); 'test' is the dataset's own test split, others are
-        domain-generalisation sets evaluated with the same adapted classifier (e.g. ImageNet-V2/-Sketch/-A/-R).
-
-    Returns:
-      {method: {'val_accuracy', 'test_accuracy', '<name>_accuracy' for the other test sets, 'hparams', ...}}.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    w_t, w_u, w_n = text["template"], text.get("cupl"), text["negative"]
-    w_pos = np.asarray(dualadapter.positive_classifier(w_t, w_u))
-    caches = dualadapter.build_caches(cache["keys"], cache["labels"], len(ds.classnames))
-    tag = f"{shots}shot-seed{seed}"
-
-    for method in methods:
-        t0 = time.time()
-        if method == "zeroshot":
-            # CLIP's prompt ensemble over the hand-written templates, as in the CLIP and Tip-Adapter papers.
-            logits_fn, res, args = tip_adapter.zero_shot_logits, {}, (w_t,)
-            res["val_accuracy"] = float(classification.accuracy(logits_fn(val["features"], *args), val["labels"]))
-        elif method == "tip_adapter":
-            logits_fn, res, args = _search(_tip_logits, (w_t, caches.keys, caches.values),
-                                           _grids(config.tip_adapter.search), val)
-        elif method == "tip_adapter_f":
-            tc, init = config.tip_adapter.train, config.tip_adapter.init
-            hp = dict(alpha=init.alpha, beta=init.beta)
-            consts = {"text_weights": w_t, "cache_values": caches.values}
-            fit = finetune(bb, few, tc, name=f"tip_adapter_f-{tag}", adapter=tip_adapter.finetune_init(caches),
-                           consts=consts, method_loss=functools.partial(tip_adapter.finetune_loss, **hp),
-                           eval_logits=lambda a, f, text_weights, cache_values: tip_adapter.logits(
-                               f, text_weights, a["cache_keys"], cache_values, **hp),
-                           val=val, seed=seed, workdir=workdir, writer=writer, rng=rng)
-            keys = fit.best_params["adapter"]["cache_keys"]
-            logits_fn, res, args = _search(_tip_logits, (w_t, keys, caches.values), _grids(config.tip_adapter.search),
-                                           val)
-            res["best_epoch"] = fit.best_epoch
-        elif method == "dualadapter":
-            logits_fn, res, args = _search(_dual_logits, (w_pos, w_n, caches), _grids(config.dualadapter.search), val)
-        elif method == "dualadapter_f":
-            dc = config.dualadapter
-            hp = dict(alpha=dc.init.alpha, beta=dc.init.beta, lam=dc.init.lam)
-            consts = {"w_template": w_t, "w_cupl": w_u, "w_neg": w_n, "caches": caches}
-
-            def eval_logits(a, f, w_template, w_cupl, w_neg, caches):
-                return _dual_logits(f, *_dual_adapted(a, w_template, w_cupl, w_neg, caches), **hp)
-
-            fit = finetune(bb, few, dc.train, name=f"dualadapter_f-{tag}",
-                           adapter=dualadapter.init_residuals(len(ds.classnames), w_t.shape[1]), consts=consts,
-                           method_loss=functools.partial(dualadapter.finetune_loss, consistency=dc.consistency, **hp),
-                           eval_logits=eval_logits, val=val, seed=seed, workdir=workdir, writer=writer, rng=rng)
-            adapted = _dual_adapted(fit.best_params["adapter"], w_t, w_u, w_n, caches)
-            logits_fn, res, args = _search(_dual_logits, adapted, _grids(dc.search), val)
-            res["best_epoch"] = fit.best_epoch
-        else:  # run() validated the names
-            raise AssertionError(method)
-        for name, (split, subset) in tests.items():
-            logits = logits_fn(jnp.asarray(split["features"]), *args)
-            res[f"{name}_accuracy"] = float(classification.accuracy(logits, split["labels"], class_subset=subset))
-        res["seconds"] = round(time.time() - t0, 2)
-        logging.info("%s %s: val %.2f%%, test %.2f%% (%.1f s)", method, tag, res["val_accuracy"],
-                     res["test_accuracy"], res["seconds"])
-        writer.write(shots, {k: v for k, v in res.items() if k.endswith("_accuracy")}, prefix=f"{method}/seed{seed}/")
-        out[method] = res
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -355,16 +235,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Everything a user can get wrong is checked before the workdir gets a result.
     ckpt = resolve_checkpoint(config.model.checkpoint, os.path.join(os.path.dirname(cache_dir), "models"))
     ds = load_data(dc)
-    samples = {(s, r): fewshot.sample_few_shot(ds.train, s, r) for s, r in runs}
-    if not ds.val or not ds.test:
-        raise errors.UserError(f"dataset {ds.name!r} needs val and test splits for the search and the evaluation")
+    samples = {(s, r): training_subsets(config, ds.train, s, r) for s, r in runs}
+    check_choices(config)
+    paper, realistic = (p in PROTOCOLS[config.protocol] for p in ("paper", "realistic"))
+    # The realistic protocol never touches the val split (not even its length).
+    if (paper and not ds.val) or not ds.test:
+        raise errors.UserError(f"dataset {ds.name!r} needs {'val and ' if paper else ''}test splits for the "
+                               "search and the evaluation")
     extra_tests = {}
     for name in filter(None, (n.strip() for n in dc.extra_test.split(","))):
         extra = fewshot.load_dataset(name, dc.root)
         if list(extra.classnames) != list(ds.classnames):
             raise errors.UserError(f"test set {name!r} does not share the class names of {ds.name!r}; "
                                    "domain-generalisation sets go with imagenet (imagenetv2, imagenet_sketch, ...)")
-        extra_tests[name] = extra
+        extra_tests[extra.name] = extra
+    template_sets = [config.templates[m] for m in ("zeroshot", "tip_adapter", "dualadapter")]
+    for t in template_sets:
+        ds.templates_of(t)  # an unknown set name fails here, before any work
 
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
@@ -374,33 +261,101 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = MetricWriter(workdir)
     rng = jax.random.key(config.rng_seed)
 
-    text = text_features(bb, ds, dc, cache_dir)
-    val = eval_features(bb, ds.val, dc, "val", cache_dir)
+    text = text_features(bb, ds, dc, template_sets, cache_dir)
+    val = eval_features(bb, ds.val, dc, "val", cache_dir) if paper else None
     # ImageNet has no val split in CoOp's protocol: val *is* test there, so encode it once.
-    test = val if ds.test is ds.val else eval_features(bb, ds.test, dc, "test", cache_dir)
+    test = val if paper and ds.test is ds.val else eval_features(bb, ds.test, dc, "test", cache_dir)
     tests = {"test": (test, ds.class_subset)}
     for name, extra in extra_tests.items():
         tests[name] = (eval_features(bb, extra.test, dc, f"{name}-test", cache_dir), extra.class_subset)
     results = []
     for shots, seed in runs:
-        cache = cache_features(bb, samples[(shots, seed)], dc, shots, seed, cache_dir)
-        res = run_methods(config, methods, bb, ds, samples[(shots, seed)], text, val, tests, cache, shots=shots,
-                              seed=seed, workdir=workdir, writer=writer, rng=jax.random.fold_in(rng, seed))
-        results.append({"shots": shots, "seed": seed, "methods": res})
+        few, train_few = samples[(shots, seed)]
+        cache = cache_features(bb, few, dc, shots, seed, cache_dir)
+        kw = dict(shots=shots, seed=seed, workdir=workdir, writer=writer, rng=jax.random.fold_in(rng, seed))
+        run_res: dict[str, Any] = {"shots": shots, "seed": seed}
+        if paper:
+            run_res["methods"] = fewshot_methods.run_paper(config, methods, bb, ds, few, train_few, text, val, tests,
+                                                           cache, **kw)
+        if realistic:
+            support = eval_features(bb, few, dc, f"support-{shots}shot-seed{seed}", cache_dir, cap=False)
+            run_res["realistic"] = fewshot_realistic.run_realistic(config, methods, bb, ds, few, text, support,
+                                                                   tests, cache, **kw)
+        results.append(run_res)
     writer.close()
 
-    summary = report.summarize(results)
+    return write_results(config, methods, ds, ckpt, results, tests, val, workdir)
+
+
+def check_choices(config) -> None:
+    """The protocol choices a run reads late, checked before any work: one UserError line each."""
+    choices = {"protocol": (config.protocol, tuple(PROTOCOLS)),
+               "tip_adapter.train.selection": (config.tip_adapter.train.selection, ("val", "test"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise errors.UserError(f"config.{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def write_results(config, methods, ds, ckpt, results, tests, val, workdir) -> dict[str, Any]:
+    """results.md (a table per test set, the protocols side by side, with notes), results.json and the plot."""
+    paper, realistic = (any(k in r for r in results) for k in ("methods", "realistic"))
+    protocols = {k: v for k, v in report.PROTOCOL_NAMES.items() if any(k in r for r in results)}
+    labels = protocols if len(protocols) > 1 else {k: "" for k in protocols}
     backbone = os.path.basename(os.path.normpath(ckpt))
     title = f"{ds.name}: test accuracy (%), {backbone}"
-    md = report.table(summary, title)
-    for name in extra_tests:
-        md += "\n" + report.table(report.summarize(results, f"{name}_accuracy"), f"{name}: test accuracy (%), {backbone}")
-    out = {"dataset": ds.name, "checkpoint": ckpt, "num_classes": len(ds.classnames), "val_size": len(val["labels"]),
-           "test_sizes": {k: len(v[0]["labels"]) for k, v in tests.items()}, "runs": results, "summary": summary}
-    if len(runs) > 1:
-        report.plot(summary, os.path.join(workdir, "accuracy_vs_shots.png"), title)
+    marks, notes = result_notes(config, methods, ds, realistic)
+
+    def md_table(metric, title, notes=()):
+        return report.protocols_table({label: report.summarize(results, metric, k) for k, label in labels.items()},
+                                      title, marks=marks, notes=notes)
+
+    md = md_table("test_accuracy", title, notes)
+    for name in tests:
+        if name != "test":
+            md += "\n" + md_table(f"{name}_accuracy", f"{name}: test accuracy (%), {backbone}")
+    summary = report.summarize(results) if paper else {}
+    summary_realistic = report.summarize(results, protocol="realistic") if realistic else {}
+    out = {"dataset": ds.name, "checkpoint": ckpt, "num_classes": len(ds.classnames), "protocol": config.protocol,
+           "val_size": len(val["labels"]) if paper else None,
+           "test_sizes": {k: len(v[0]["labels"]) for k, v in tests.items()}, "cupl": ds.cupl_prompts is not None,
+           "templates": config.templates.to_dict(), "notes": notes, "runs": results, "summary": summary,
+           "summary_realistic": summary_realistic}
+    if len(results) > 1:
+        report.plot(summary, os.path.join(workdir, "accuracy_vs_shots.png"), title, realistic=summary_realistic)
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
     if mesh_lib.is_primary():
         print("\n" + md, flush=True)
     return out
+
+
+def result_notes(config, methods, ds, realistic: bool) -> tuple[dict[str, str], list[str]]:
+    """(row marks, one-line notes) that say how the table's rows were obtained where it departs from a default."""
+    marks, notes = {}, []
+    if realistic:
+        rc = config.realistic
+        notes.append(f"realistic: every hyperparameter (alpha, beta, lambda, epoch) chosen by {rc.folds}-fold "
+                     f"cross-validation over the K shots (min(K, {rc.folds}) folds), never the val split; below "
+                     f"{rc.min_shots} shots the presets' initial values and last epoch; DualAdapter-F trains on the "
+                     "K cache shots. paper: chosen on the full val split, as the papers do.")
+    t = config.templates
+    notes.append(f"Templates (config.templates): zero-shot CLIP {t.zeroshot!r}, Tip-Adapter(-F) {t.tip_adapter!r}, "
+                 f"DualAdapter(-F) {t.dualadapter!r}.")
+    if "tip_adapter_f" in methods and config.tip_adapter.train.selection == "test":
+        marks["tip_adapter_f"] = " †"
+        notes.append("† (paper) Tip-Adapter-F's epoch was selected on the *test* split and the best of that epoch's "
+                     "and the searched accuracy is reported, as the official code does (optimistic; default: val).")
+    if "dualadapter_f" in methods:
+        tc = config.dualadapter.train
+        marks["dualadapter_f"] = " ‡"
+        if tc.data == "second_draw":
+            notes.append(f"‡ (paper) DualAdapter-F trains on a second K-shot draw (seed {tc.draw_seed} + seed - "
+                         f"{tc.sampling_seed}, as the official main.py), the cache holds the first: up to 2K "
+                         "distinct images per class (dualadapter.train.data=cache: the cache's K shots only).")
+        else:
+            notes.append("‡ (paper) DualAdapter-F trains on the cache's own K shots (dualadapter.train.data=cache); "
+                         "the official code trains on a second K-shot draw (second_draw).")
+    if ds.cupl_prompts is None and {"dualadapter", "dualadapter_f"} & set(methods):
+        notes.append("DualAdapter ran without CuPL descriptions (templates only), not the paper's setting: pass "
+                     "--config.data.cupl_path=<DualAdapter's gpt3_prompts/ folder or the dataset's CuPL json>.")
+    return marks, notes
