@@ -114,3 +114,17 @@ def test_bad_config_argument_and_missing_config_file(tmp_path):
                            f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "configs/nothere.py" in proc.stderr
+
+
+@pytest.mark.parametrize("arg, overrides, message", [
+    ("runlocal,shots=0", [], "shots must be a whole number >= 1, got 0"),
+    ("runlocal", ["--config.data.shots=-3"], "shots must be a whole number >= 1, got -3"),
+    ("runlocal", ["--config.dualadapter.train.epochs=0"], "--config.dualadapter.train.epochs=0 is out of range"),
+])
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, arg, overrides, message):
+    workdir = tmp_path / "run"
+    proc = _launch(str(workdir), *overrides, arg=arg, cache=tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not workdir.exists()

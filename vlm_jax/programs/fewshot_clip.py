@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vlm_jax import errors
+from vlm_jax import config_utils, errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import loader
 from vlm_jax.data import datasets_meta as meta
@@ -220,6 +220,15 @@ def cache_features(bb: Backbone, few: list[fewshot.Example], dc, shots, seed, ca
 # ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
+def _has(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`."""
     dc = config.data
@@ -230,6 +239,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                f"{', '.join(report.METHOD_NAMES)}")
     runs = ([(s, r) for s in config.sweep.shots for r in config.sweep.seeds] if config.sweep.enabled
             else [(dc.shots, dc.seed)])
+    for s, _ in runs:  # shots <= 0 (or 1.5): one line, before anything is written
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise errors.UserError(f"shots must be a whole number >= 1, got {s!r} (config argument shots=, "
+                                   f"--config.data.shots or --config.sweep.shots)")
+    minimums = {"data.batch_size": 1, "data.augment_epoch": 1, "realistic.folds": 2, "realistic.min_shots": 1}
+    for m in ("dualadapter", "tip_adapter"):
+        if m in config:
+            minimums.update({f"{m}.train.epochs": 1, f"{m}.train.batch_size": 1})
+    config_utils.check_ranges(config, {k: v for k, v in minimums.items() if _has(config, k)})
     cache_dir = config.feature_cache_dir or os.path.join(workdir, "features")
 
     # Everything a user can get wrong is checked before the workdir gets a result.
