@@ -211,16 +211,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                               f"re-download or re-export it") from None
 
 
-def load_tensors(ckpt_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory, merged across shards."""
-    tensors: dict[str, np.ndarray] = {}
+def merge_shards(ckpt_dir: str | os.PathLike, read: Callable[[pathlib.Path], dict]) -> dict:
+    """`read(file)` over every safetensors file of a checkpoint, merged; a tensor in two shards is an error."""
+    tensors: dict = {}
     for f in safetensors_files(pathlib.Path(ckpt_dir)):
-        part = read_safetensors(f)
+        part = read(f)
         dup = sorted(set(part) & set(tensors))
         if dup:
             raise CheckpointError(f"{f}: tensors also present in another shard: {dup}")
         tensors.update(part)
     return tensors
+
+
+def load_tensors(ckpt_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory, merged across shards."""
+    return merge_shards(ckpt_dir, read_safetensors)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -121,14 +121,7 @@ def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
 
 def open_tensors(ckpt_dir: str | os.PathLike) -> dict[str, LazyTensor]:
     """Every tensor of a checkpoint directory (single file or sharded with an index), header only."""
-    tensors: dict[str, LazyTensor] = {}
-    for f in loader.safetensors_files(pathlib.Path(ckpt_dir)):
-        part = open_safetensors(f)
-        dup = sorted(set(part) & set(tensors))
-        if dup:
-            raise CheckpointError(f"{f}: tensors also present in another shard: {dup}")
-        tensors.update(part)
-    return tensors
+    return loader.merge_shards(ckpt_dir, open_safetensors)
 
 
 def array_equal(a: Tensor, b: Tensor) -> bool:
