@@ -92,6 +92,8 @@ def test_lvlm_embed_reads_tfds(tmp_path):
     dc.name, dc.retrieval_json, dc.tfds_data_dir = f"tfds:{name}", f"tfds:{name}", str(tmp_path)
     train, extra = lvlm_embed.load_pairs(dc)
     assert extra == [] and sorted(s for _, s, _ in train) == ["a blue square.", "a red square."]
-    assert lvlm_embed._load(train[0][0], dict(size=4, crop_size=4)).shape == (4, 4, 3)
+    settings = {"resize": {"shortest_edge": 4}, "crop": [4, 4], "rescale": 1 / 255, "mean": [0.5] * 3,
+                "std": [0.5] * 3, "resample": 3, "convert_rgb": True}  # `preprocess.image_settings` form
+    assert lvlm_embed._load(train[0][0], settings).shape == (4, 4, 3)
     images, captions, c2i = lvlm_embed.build_suite(dc).retrieval
     assert len(images) == 2 and len(captions) == 5 and c2i.tolist() == sorted(c2i.tolist())
