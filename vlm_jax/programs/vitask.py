@@ -30,10 +30,11 @@ checkpoint's chat template and tokenized whole, then the template's answer separ
 the HF processor's; answer_mask is 1 on the response and EOS tokens. Evaluation prompts are
 left-padded to the longest dataset prompt instead, so every dataset shares one compiled shape.
 
-CRT negatives: in each training batch, sample i's negative image is that of sample (i + s) mod B for the smallest
-shift s >= 1 from the same dataset (same instruction) with a different answer (the "roll the batch until labels
-differ" rule); if no such sample is in the batch, the shift-1 image is used (a weak negative). The negative pass
-shares the positive's ids exactly, only the pixels differ (as `vitask.crt_loss` requires).
+CRT negatives (`vitask_tasks.NegativeSampler`): sample i's negative image is drawn from the whole training split
+of i's own dataset (same instruction) among the rows with a different answer — never another dataset, never the
+same answer — a pure function of (rng_seed, step); its pixels are loaded with the batch. A dataset whose training
+split holds one answer only is a UserError before any training (when stage 2 runs). The negative pass shares the
+positive's ids exactly, only the pixels differ (as `vitask.crt_loss` requires).
 
 results.json also records a sha256 of the connector params after stage 1 and after stage 2 (they must be equal:
 the connector is frozen in stage 2).
@@ -182,19 +183,6 @@ class Seqs:
         return ids, mask
 
 
-def negative_index(labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """i32[B]: for each i, (i + s) mod B for the smallest s >= 1 with the same group (dataset) and a different
-    label; shift 1 if there is none. groups None: one group."""
-    b = len(labels)
-    groups = np.zeros(b, np.int64) if groups is None else np.asarray(groups)
-    out = (np.arange(b) + 1) % b
-    done = np.zeros(b, bool)
-    for s in range(1, b):
-        j = (np.arange(b) + s) % b
-        hit = (~done) & (labels[j] != labels) & (groups[j] == groups)
-        out[hit] = j[hit]
-        done |= hit
-    return out.astype(np.int32)
 # ----------------------------------------------------------------------------------------------------------
 # The LVLM passes and losses.
 
@@ -442,6 +430,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         "method.rda_direction": vitask.DIRECTIONS})
     task = vitask_tasks.load_task(dc, config.rng_seed)
     train, test = task.train, task.test
+    # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
+    negatives = vitask_tasks.NegativeSampler(train, task.names) if mc.stage2_epochs else None
     is_ml = task.multi_label
     multi = [d.name for d in task.datasets if d.multi_label]
     if multi and mc.eval_mode == "likelihood":
@@ -537,9 +527,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     lora_kw = dict(lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank)
     logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", ckpt, ", ".join(task.names), n_train,
                  len(test), seqs.length)
-    # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
-    answer_key = {a: i for i, a in enumerate(sorted(set(zip(train.dataset.tolist(), train.responses))))}
-    train_key = np.array([answer_key[a] for a in zip(train.dataset.tolist(), train.responses)], np.int64)
 
     bs = _batch_size(tc.batch_size, n_train, mesh)
     steps = n_train // bs
@@ -553,7 +540,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 b = {**seqs.rows(train.dataset[idx], [train.responses[j] for j in idx]), "pixel_values": px,
                      "feature": train_feats[idx]}
                 if with_neg:
-                    b["neg_pixel_values"] = px[negative_index(train_key[idx], train.dataset[idx])]
+                    neg = negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
+                    b["neg_pixel_values"] = _pixels(train.examples, neg, pp)
                 yield b
         return epoch_batches
 
