@@ -9,7 +9,9 @@ Usage:
   ... --config.data.name=dermamnist,bloodmnist,chestmnist,folder:/data/my_xrays --config.method.eval_mode=generate
 
 The paper publishes neither alpha, beta, the LoRA rank, lr nor the batch size: the defaults here are alpha = beta
-= 1, LoRA rank 16 / alpha 16 on the LM's linear layers (as VladVA), lr 1e-4, one epoch per stage (as the paper).
+= 1, LoRA rank 16 / alpha 16 on the LM's linear layers (as VladVA), lr 1e-4, one epoch per stage (as the paper);
+the vanilla baseline trains as many steps as both stages together (method.vanilla_epochs), the TSM's epoch is
+chosen on the val split (tsm.selection).
 """
 
 import ml_collections
@@ -33,24 +35,30 @@ def get_config(arg=None):
     # (their first / last five classes: two disjoint datasets for offline joint training);
     # size: MedMNIST image size (0 = the 28 px default file); train_limit: per dataset, train on the first N of a
     # fixed permutation of its train split (0 = all); test_limit: per dataset, evaluate on the first N of
-    # a fixed permutation of its test split (0 = all);
+    # a fixed permutation of its test split (0 = all); val_limit: the same for the val split the TSM's epoch is
+    # selected on (MedMNIST's official val, a folder's val/, builtin's val crops);
     # modality: the word in image-folder datasets' instruction ('Analyze the given {modality} image. ...');
     # no_finding: a multi-label sample's answer when it has no positive label ('normal' -> 'normal.');
     # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction);
     # chat_template: '' = the checkpoint's own (what its HF processor renders), or a Jinja template / a format with
     # one '{}' for the user turn ('USER: {} ASSISTANT:') for a checkpoint without one.
-    c.data = dict(name="dermamnist", root="", size=0, test_limit=0, train_limit=0, eval_batch_size=8,
+    c.data = dict(name="dermamnist", root="", size=0, test_limit=0, train_limit=0, val_limit=0, eval_batch_size=8,
                   chat_template="", full_instruction=True, modality="medical",
                   no_finding="normal")
     # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
     # accum_steps: gradient accumulation (the batch in accum_steps microbatches); checkpoint_every_steps: besides
-    # every epoch end and SIGTERM (0: no more).
+    # every epoch end and SIGTERM (0: no more); selection: 'val' keeps the epoch of the best mean (over datasets)
+    # val accuracy, evaluated after every epoch (the paper: "select the best model based on validation set
+    # performance"; every dataset needs a val split), 'last' keeps the last epoch.
     c.tsm = dict(checkpoint="openai/clip-vit-base-patch16", epochs=30, batch_size=128,
                  optim=dict(name="adamw", lr=1e-5, weight_decay=0.05, decay_type="cosine"),
-                 accum_steps=1, checkpoint_every_steps=0)
+                 accum_steps=1, checkpoint_every_steps=0, selection="val")
     c.method = dict(
         alpha=1.0, beta=1.0, rda_direction="student_teacher",
         stage1_epochs=1, stage2_epochs=1,
+        # The vanilla baseline's epochs: 0 = stage1_epochs + stage2_epochs, i.e. as many steps as VITask's two
+        # stages together (same batch size, so the same steps per epoch): a fair compute budget.
+        vanilla_epochs=0,
         connector_hidden=0,                      # 0: the LM's width
         lora_rank=16, lora_alpha=16.0, lora_targets=list(disc.LORA_TARGETS),
         # 'generate': greedy answers matched to the label set (unmatched = wrong), as the paper evaluates;
@@ -68,6 +76,7 @@ def get_config(arg=None):
         c.tsm.checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin_a,builtin_b"  # joint training offline: two disjoint 5-class halves of the photos
         c.data.train_limit, c.data.test_limit, c.data.eval_batch_size = 48, 20, 8  # per dataset
+        c.data.val_limit = 20
         c.tsm.epochs, c.tsm.batch_size = 3, 16
         c.tsm.optim.lr = 1e-3
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0

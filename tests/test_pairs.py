@@ -1,10 +1,12 @@
 """Token batches for the discriminative method, and its `:runlocal` run end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -77,7 +79,26 @@ def test_runlocal_trains_and_evaluates(tmp_path):
     for row in out["results"].values():
         assert 0.0 <= row["t2i_R@1"] <= 100.0 and row["i2t_R@10"] == 100.0  # 10 images: R@10 is always 100
         assert {"sugarcrepe/replace_obj", "winoground/group", "classification/accuracy"} <= set(row)
-    assert "VladVA" in (tmp_path / "run" / "results.md").read_text()
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "VladVA" in md and all(f"{d} R@{k}" in md for d in ("T2I", "I2T") for k in (1, 5, 10))
+
+
+def test_long_captions_capped_at_long_caption_max_tokens(tokens):
+    """data.long_caption_max_tokens (the paper: long captions of 30-500 tokens) bounds the long row; a longer
+    caption is cut to it, a shorter one sets the length itself."""
+    from vlm_jax.programs import lvlm_embed
+
+    long, short = "a dog on the grass " * 8, "a photo of a cat."
+    n_image = len(tokens.image_row()[0])
+    full = len(tokens.fmt.answer_ids(IMAGE_PROMPT, True, long))
+    dc = lambda cap: ml_collections.ConfigDict(dict(long_caption_max_tokens=cap, long_len=0))
+    assert full > 10
+    assert lvlm_embed.check_lengths(tokens, dc(10), [long, short]) == n_image + 10
+    assert lvlm_embed.check_lengths(tokens, dc(500), [long, short]) == n_image + full
+    capped = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=n_image + 10))
+    ids, mask = capped.long_row(long)
+    assert len(ids) == n_image + 10 and sum(mask) == 10
+    assert ids[n_image:] == tokens.fmt.answer_ids(IMAGE_PROMPT, True, long)[:10]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -183,3 +183,52 @@ def test_multilabel_training_learns_sets_and_predict_joint(model):
                                           batch["multi_label"])
     np.testing.assert_array_equal(both, pred)
     np.testing.assert_allclose(feat, tsm.exemplar_features(model, params, batch["pixel_values"]), rtol=1e-6)
+
+
+def _joint_split(n, seed):
+    from vlm_jax.data import vitask_tasks
+
+    r = np.random.default_rng(seed)
+    ds = (np.arange(n) % len(SIZES)).astype(np.int32)
+    local = r.integers(0, np.asarray(SIZES)[ds]).astype(np.int32)
+    targets = np.zeros((n, C), bool)
+    targets[np.arange(n), OFFSETS[ds] + local] = True
+    split = vitask_tasks.Split([None] * n, ds, local, targets, ["-"] * n)
+    return split, r.normal(size=(n, 16, 16, 3)).astype(np.float32)
+
+
+def test_vitask_tsm_selection_keeps_the_best_val_epoch(model):
+    """The program's TSM eval (vitask.make_tsm_eval) scores the val split; fit keeps its best epoch. The val
+    accuracy of the kept and of the last parameters is recomputed here from the logits (numpy)."""
+    from vlm_jax.data import vitask_tasks
+    from vlm_jax.programs import vitask as prog
+    from vlm_jax.train import mesh as mesh_lib
+
+    datasets = [vitask_tasks.TaskDataset(f"d{k}", "x", tuple(f"c{j}" for j in range(s)), False, [], [])
+                for k, s in enumerate(SIZES)]
+    (train, x_train), (val, x_val), (test, _) = _joint_split(24, 1), _joint_split(27, 2), _joint_split(9, 3)
+    task = vitask_tasks.JointTask(datasets, OFFSETS, np.asarray(SIZES, np.int32), train, test, "normal", val)
+    params = tsm.init_params(model, jax.random.key(0))
+
+    def batches(epoch):
+        order = np.random.default_rng(epoch).permutation(24)
+        for i in range(3):
+            idx = order[i * 8:(i + 1) * 8]
+            yield {"pixel_values": x_train[idx], "labels": OFFSETS[train.dataset[idx]] + train.label[idx],
+                   "class_mask": task.class_mask(train.dataset[idx])}
+
+    fit = trainer.fit(loss_fn=tsm.make_loss_fn(model), params=params, param_groups=list(tsm.PARAM_GROUPS),
+                      optim={"name": "adam", "lr": 1e-2, "decay_type": "constant"}, num_epochs=5, steps_per_epoch=3,
+                      epoch_batches=batches, mesh=mesh_lib.make_mesh(), rng=jax.random.key(1),
+                      eval_fn=prog.make_tsm_eval(model, params, task, lambda idx: x_val[idx]), select="accuracy")
+
+    def val_accuracy(p):   # mean over datasets of the per-dataset accuracy, in %
+        logits, _ = model.apply({"params": p}, jnp.asarray(x_val))
+        pred = np.argmax(np.where(task.class_mask(val.dataset), np.asarray(logits), -np.inf), 1)
+        pred -= OFFSETS[val.dataset]
+        return 100 * np.mean([np.mean(pred[val.dataset == k] == val.label[val.dataset == k]) for k in range(3)])
+
+    acc = [r["val_accuracy"] for r in fit.history]
+    assert fit.best_epoch == int(np.argmax(acc)) and fit.best_epoch != len(acc) - 1, acc  # not simply the last
+    np.testing.assert_allclose(val_accuracy(fit.best_params), max(acc), atol=1e-9)
+    np.testing.assert_allclose(val_accuracy(fit.state.params), acc[-1], atol=1e-9)

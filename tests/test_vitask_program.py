@@ -118,15 +118,6 @@ def test_task_rows_and_prompts(setup):
         seqs.rows([0], ["cat " * 50])
 
 
-def test_negative_index_same_dataset_different_label():
-    labels = np.array([0, 0, 1, 5, 5, 6, 9])
-    groups = np.array([0, 0, 0, 1, 1, 1, 2])
-    neg = prog.negative_index(labels, groups)
-    np.testing.assert_array_equal(neg, [2, 2, 0, 5, 5, 3, 0])  # 6 is alone in its group: shift 1 (wraps to 0)
-    # Without groups: the old rule (smallest shift to a different label).
-    np.testing.assert_array_equal(prog.negative_index(np.array([0, 0, 1, 1])), [2, 2, 0, 0])
-
-
 def test_cached_ranking_equals_uncached_passes(setup):
     task, model, seqs = setup["task"], setup["model"], setup["seqs"]
     conn, conn_params, base, lora = setup["conn"], setup["conn_params"], setup["base"], setup["lora"]

@@ -79,6 +79,7 @@ def _chest(root):
     (["--config.data.name=builtin_a,folder:/nonexistent/xrays"], "/nonexistent/xrays does not exist"),
     (["--config.data.name=builtin_a,folder:{tmp}/data"], "missing split folder"),
     (["--config.method.eval_mode=rank"], "--config.method.eval_mode='rank' is not one of"),
+    (["--config.data.train_limit=1"], "dataset 'builtin_a' has one distinct answer"),   # no CRT negative
     (["--config.train.batch_size=0"], "--config.train.batch_size=0 is out of range: it must be a number >= 1"),
 ])
 def test_data_errors_are_one_line_before_any_work(tmp_path, overrides, message):

@@ -83,3 +83,52 @@ def test_no_finding_must_not_be_a_label(tmp_path):
     _write(tmp_path / "chestmnist.npz", multi=14)
     with pytest.raises(UserError, match="no_finding='Mass' is also a label of chestmnist"):
         vitask_tasks.load_task(_dc("chestmnist", tmp_path, no_finding="Mass"))
+
+
+def _train_split(datasets, responses):
+    n = len(responses)
+    return vitask_tasks.Split([None] * n, np.asarray(datasets, np.int32), np.zeros(n, np.int32),
+                              np.zeros((n, 1), bool), list(responses))
+
+
+def test_crt_sampler_own_dataset_other_answer_deterministic():
+    # Three datasets, interleaved rows; dataset 2 is multi-label-like (whole answer sets); in dataset 1 only row 3
+    # has another answer than 'a.', so every other row of dataset 1 must get row 3.
+    ds = [0, 1, 0, 1, 2, 0, 1, 2, 2, 0, 1, 2]
+    resp = ["x.", "a.", "y.", "b.", "p, q.", "x.", "a.", "p.", "p, q.", "z.", "a.", "normal."]
+    split = _train_split(ds, resp)
+    sampler = vitask_tasks.NegativeSampler(split, ["d0", "d1", "d2"])
+    rows = np.arange(len(ds))
+    seen = {i: set() for i in rows}
+    for step in range(200):
+        neg = sampler.sample(rows, [0, 13], step)
+        for i, j in zip(rows, neg):
+            assert ds[j] == ds[i] and resp[j] != resp[i], (i, j)
+            seen[i].add(int(j))
+        np.testing.assert_array_equal(neg, sampler.sample(rows, [0, 13], step))   # a pure function of (seed, step)
+    # Every candidate of the whole training split is drawn (not only rows of one batch), and only candidates.
+    for i in rows:
+        assert seen[i] == {j for j in rows if ds[j] == ds[i] and resp[j] != resp[i]}, i
+    assert seen[1] == {3}
+    assert not np.array_equal(sampler.sample(rows, [0, 13], 0), sampler.sample(rows, [1, 13], 0))
+    # Any batch of rows (repeats, any order) gets the same rules.
+    batch = np.array([4, 4, 1, 11, 0])
+    neg = sampler.sample(batch, 5, 7)
+    assert all(ds[j] == ds[i] and resp[j] != resp[i] for i, j in zip(batch, neg))
+
+
+def test_crt_sampler_one_answer_dataset_is_an_error():
+    split = _train_split([0, 0, 1, 1], ["x.", "y.", "a.", "a."])
+    with pytest.raises(UserError, match="dataset 'd1' has one distinct answer \\('a.'\\)"):
+        vitask_tasks.NegativeSampler(split, ["d0", "d1"])
+
+
+def test_val_splits_are_loaded_and_limited(tmp_path):
+    _write(tmp_path / "dermamnist.npz", classes=7, n=(7, 5, 7))
+    make_folder(tmp_path / "xr", {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 2}, "test": {"a": 1, "b": 1}})
+    task = vitask_tasks.load_task(_dc(f"dermamnist,folder:{tmp_path / 'xr'},builtin_a", tmp_path, val_limit=4))
+    assert [int((task.val.dataset == k).sum()) for k in range(3)] == [4, 3, 4]
+    derma = medmnist.load_medmnist("dermamnist", str(tmp_path))
+    val_arrays = {e.array.tobytes() for e in derma.val}
+    assert all(e.array.tobytes() in val_arrays for e, d in zip(task.val.examples, task.val.dataset) if d == 0)
+    assert all("/val/" in e.path for e, d in zip(task.val.examples, task.val.dataset) if d == 1)

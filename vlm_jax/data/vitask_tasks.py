@@ -10,6 +10,13 @@ the 12 MedMNIST 2D datasets), with their instructions, target responses and per-
   builtin                the 10 offline toy photos (`builtin.builtin_dataset`), modality 'photo'.
   builtin_a, builtin_b   its first / last five classes as two disjoint 5-class datasets: joint training offline.
 
+Splits: train, val and test of every dataset (MedMNIST: the npz's official val; folders: `val/`, empty when absent;
+builtin: its own val crops); `train_limit` / `val_limit` / `test_limit` cap each dataset's share. The val split is
+what the TSM's best epoch is selected on (the paper: "select the best model based on validation set performance").
+
+CRT negatives (`NegativeSampler`): drawn from the whole training split of the sample's own dataset, among the rows
+with a different answer.
+
 Joint label space: dataset k owns classes [offsets[k], offsets[k] + sizes[k]) of C = sum(sizes) (`methods.tsm`).
 Datasets never share classes here, even when their names coincide (OrganA/C/S: the paper's 70-way head merges
 those three; ours has 92 outputs over the 12 sets, each dataset only ever seeing its own).
@@ -50,6 +57,7 @@ class TaskDataset:
     multi_label: bool
     train: Sequence[Any]
     test: Sequence[Any]
+    val: Sequence[Any] = ()   # empty: the dataset has no val split (a folder without val/)
 
     def instruction(self, full: bool = True) -> str:
         return medmnist.format_instruction(self.modality, self.classnames, include_labels=full)
@@ -88,6 +96,7 @@ class JointTask:
     train: Split
     test: Split
     no_finding: str
+    val: Split | None = None   # every dataset's val split (a dataset without one contributes nothing)
 
     @property
     def num_classes(self) -> int:
@@ -123,11 +132,13 @@ def _builtin(name: str) -> TaskDataset:
 
     ds = builtin.builtin_dataset()
     if name == "builtin":
-        return TaskDataset("builtin", "photo", tuple(ds.classnames), False, list(ds.train), list(ds.test))
+        return TaskDataset("builtin", "photo", tuple(ds.classnames), False, list(ds.train), list(ds.test),
+                           list(ds.val))
     half = len(ds.classnames) // 2
     lo, hi = (0, half) if name == "builtin_a" else (half, len(ds.classnames))
     pick = lambda xs: [Example(e.path, e.label - lo, e.classname, e.array) for e in xs if lo <= e.label < hi]
-    return TaskDataset(name, "photo", tuple(ds.classnames[lo:hi]), False, pick(ds.train), pick(ds.test))
+    return TaskDataset(name, "photo", tuple(ds.classnames[lo:hi]), False, pick(ds.train), pick(ds.test),
+                       pick(ds.val))
 
 
 def load_dataset(name: str, *, root: str = "", size: int | None = None, modality: str = "medical") -> TaskDataset:
@@ -139,7 +150,8 @@ def load_dataset(name: str, *, root: str = "", size: int | None = None, modality
         if not path:
             raise errors.UserError("data.name folder: needs a path: folder:/data/my_dataset")
         ds = imagefolder.load_image_folder(path)
-        return TaskDataset(ds.name, modality, tuple(ds.classnames), False, list(ds.train), list(ds.test))
+        return TaskDataset(ds.name, modality, tuple(ds.classnames), False, list(ds.train), list(ds.test),
+                           list(ds.val))
     if name.strip().lower() not in medmnist.MEDMNIST:
         raise errors.UserError(f"unknown dataset {name!r} in data.name; use a MedMNIST 2D name "
                                f"({', '.join(medmnist.MEDMNIST)}), folder:<path>, builtin, builtin_a or builtin_b")
@@ -147,7 +159,8 @@ def load_dataset(name: str, *, root: str = "", size: int | None = None, modality
         raise errors.UserError(f"{name} needs --config.data.root=<folder with the MedMNIST npz files>; or try "
                                "--config=configs/vitask.py:runlocal")
     ds = medmnist.load_medmnist(name, root, size=size or None)
-    return TaskDataset(ds.name, ds.modality, tuple(ds.classnames), ds.multi_label, list(ds.train), list(ds.test))
+    return TaskDataset(ds.name, ds.modality, tuple(ds.classnames), ds.multi_label, list(ds.train), list(ds.test),
+                       list(ds.val))
 
 
 def _split(datasets: Sequence[TaskDataset], which: str, offsets: np.ndarray, num_classes: int,
@@ -177,7 +190,7 @@ def _split(datasets: Sequence[TaskDataset], which: str, offsets: np.ndarray, num
 
 
 def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO_FINDING, test_limit: int = 0,
-               seed: int = 0, train_limit: int = 0) -> JointTask:
+               seed: int = 0, train_limit: int = 0, val_limit: int = 0) -> JointTask:
     """Joins datasets into one task.
 
     Args:
@@ -186,6 +199,7 @@ def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO
       test_limit: per dataset, evaluate on the (sorted) first N of a fixed permutation of its test split (0 = all).
       seed: that permutation's seed.
       train_limit: per dataset, train on the (sorted) first N of a fixed permutation of its train split (0 = all).
+      val_limit: per dataset, validate on the (sorted) first N of a fixed permutation of its val split (0 = all).
     """
     names = [d.name for d in datasets]
     for d in datasets:
@@ -200,7 +214,7 @@ def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO
     sizes = np.array([len(d.classnames) for d in datasets], np.int32)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
     c = int(sizes.sum())
-    for key, limit in (("test_limit", test_limit), ("train_limit", train_limit)):
+    for key, limit in (("test_limit", test_limit), ("train_limit", train_limit), ("val_limit", val_limit)):
         if limit < 0:
             raise errors.UserError(f"data.{key} must be >= 0 (0 = all), got {limit}")
 
@@ -210,7 +224,8 @@ def build_task(datasets: Sequence[TaskDataset], *, no_finding: str = medmnist.NO
 
     train = _split(datasets, "train", offsets, c, no_finding, keep("train", train_limit, (1,)))
     test = _split(datasets, "test", offsets, c, no_finding, keep("test", test_limit, ()))
-    return JointTask(list(datasets), offsets, sizes, train, test, no_finding)
+    val = _split(datasets, "val", offsets, c, no_finding, keep("val", val_limit, (2,)))
+    return JointTask(list(datasets), offsets, sizes, train, test, no_finding, val)
 
 
 def load_task(dc, seed: int = 0) -> JointTask:
@@ -218,7 +233,67 @@ def load_task(dc, seed: int = 0) -> JointTask:
     datasets = [load_dataset(n, root=dc.root, size=dc.size or None, modality=dc.modality)
                 for n in parse_names(dc.name)]
     return build_task(datasets, no_finding=dc.no_finding, test_limit=dc.test_limit, seed=seed,
-                      train_limit=dc.get("train_limit", 0))
+                      train_limit=dc.get("train_limit", 0), val_limit=dc.get("val_limit", 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CRT negatives.
+
+class NegativeSampler:
+    """CRT negatives (VITask, Eq. 7: "instruction_i = instruction_j and response_i != response_j"): for a training
+    row i, a row j drawn uniformly from the whole training split of i's own dataset (so the same instruction) whose
+    answer differs from i's (a multi-label row's whole label set). Never another dataset, never the same answer.
+
+    Rows are sorted by (dataset, answer), so a dataset's rows are one block and each answer a sub-block; drawing
+    u in [0, n_dataset - n_answer) and skipping i's own sub-block is a uniform draw over the candidates.
+
+    Args:
+      split: the training split.
+      names: the datasets' names (for the error message).
+
+    Raises:
+      UserError: a dataset whose training split holds one distinct answer (it has no negative at all).
+    """
+
+    def __init__(self, split: Split, names: Sequence[str]):
+        ds = np.asarray(split.dataset, np.int64)
+        _, answer = np.unique(np.asarray(split.responses, object).astype(str), return_inverse=True)
+        order = np.lexsort((answer, ds))          # by dataset, then answer
+        sd, sa = ds[order], answer[order]
+        n = len(order)
+        pos = np.empty(n, np.int64)
+        pos[order] = np.arange(n)
+        # First sorted position of each row's dataset block and of its answer sub-block, and their sizes.
+        new_ds = np.r_[True, sd[1:] != sd[:-1]]
+        new_ans = new_ds | np.r_[True, sa[1:] != sa[:-1]]
+        ds_lo = np.maximum.accumulate(np.where(new_ds, np.arange(n), 0))
+        ans_lo = np.maximum.accumulate(np.where(new_ans, np.arange(n), 0))
+        ds_n = np.bincount(ds_lo, minlength=n)[ds_lo]
+        ans_n = np.bincount(ans_lo, minlength=n)[ans_lo]
+        for k in np.unique(sd[ds_n == ans_n]):
+            first = split.responses[order[np.searchsorted(sd, k)]]
+            raise errors.UserError(
+                f"dataset {names[k]!r} has one distinct answer ({first!r}) in its training split: CRT needs a "
+                "negative of the same dataset with a different answer; add examples of another class, raise "
+                "data.train_limit, or set --config.method.stage2_epochs=0")
+        self._order = order
+        # Per original row: its dataset block start, the offset of its answer sub-block inside it, the sizes.
+        self._ds_lo, self._rel, self._ds_n, self._ans_n = (x[pos] for x in (ds_lo, ans_lo - ds_lo, ds_n, ans_n))
+
+    def sample(self, rows, seed, step: int) -> np.ndarray:
+        """i32[B]: a negative training row for each of `rows`; a pure function of (seed, step, rows).
+
+        Args:
+          rows: i32[B] training-split rows (the batch).
+          seed: an int or a sequence of ints (the run's seed and a salt).
+          step: the global training step (so a resumed run draws the same negatives).
+        """
+        rows = np.asarray(rows, np.int64)
+        seed = list(np.atleast_1d(seed).tolist())
+        rng = np.random.default_rng([*seed, int(step)])
+        u = rng.integers(0, self._ds_n[rows] - self._ans_n[rows])
+        rel = np.where(u < self._rel[rows], u, u + self._ans_n[rows])   # skip the row's own answer
+        return self._order[self._ds_lo[rows] + rel].astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------

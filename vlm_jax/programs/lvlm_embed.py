@@ -34,7 +34,9 @@ from vlm_jax.train import trainer
 from vlm_jax.train import workdir as workdir_lib
 from vlm_jax.train.metrics import MetricWriter
 
-TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "i2t_R@1": "I2T R@1", "i2t_R@5": "I2T R@5",
+# Retrieval: R@1/R@5/R@10 both directions (the paper's tables report R@1 and R@10).
+TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "t2i_R@10": "T2I R@10",
+                 "i2t_R@1": "I2T R@1", "i2t_R@5": "I2T R@5", "i2t_R@10": "I2T R@10",
                  "sugarcrepe/replace": "SugarCrepe replace", "sugarcrepe/replace_obj": "SugarCrepe replace-obj",
                  "sugarcrepe/average": "SugarCrepe avg", "winoground/text": "Wino text",
                  "winoground/image": "Wino image", "winoground/group": "Wino group",

@@ -3,10 +3,12 @@
 Data flow: config -> task (`data.vitask_tasks`: one dataset or several trained jointly — MedMNIST 2D, image
 folders, or on `:runlocal` the built-in photos split into two 5-class "diagnosis" datasets) -> TSM (CLIP vision
 tower + one linear head over the union of the datasets' labels, softmax masked to each sample's own dataset,
-sigmoid BCE for a multi-label dataset; `methods.tsm`) trained with the generic trainer -> frozen TSM exemplar
+sigmoid BCE for a multi-label dataset; `methods.tsm`) trained with the generic trainer, its epoch chosen by the mean
+(over datasets) val accuracy of every dataset's val split (`tsm.selection='val'`, the paper's rule) -> frozen TSM exemplar
 features -> LLaVA + LoRA (+ `ExemplarConnector`) trained with `methods.vitask` on batches that mix the datasets,
 each sample with its own dataset's instruction:
-  vanilla baseline: L_van only (its own LoRA, stage-1 epochs);
+  vanilla baseline: L_van only (its own LoRA; by default as many steps as both VITask stages together,
+                    `method.vanilla_epochs`);
   VITask stage 1:   L_van + L_ep + alpha RDA, trains {'lora', 'connector'};
   VITask stage 2:   + beta CRT, the connector FROZEN (param group 'lora' only).
 -> evaluation of 'TSM', 'vanilla (L_van)', 'VITask w/o EP', 'VITask w/ EP' (`method.eval_mode`):
@@ -30,10 +32,11 @@ checkpoint's chat template and tokenized whole, then the template's answer separ
 the HF processor's; answer_mask is 1 on the response and EOS tokens. Evaluation prompts are
 left-padded to the longest dataset prompt instead, so every dataset shares one compiled shape.
 
-CRT negatives: in each training batch, sample i's negative image is that of sample (i + s) mod B for the smallest
-shift s >= 1 from the same dataset (same instruction) with a different answer (the "roll the batch until labels
-differ" rule); if no such sample is in the batch, the shift-1 image is used (a weak negative). The negative pass
-shares the positive's ids exactly, only the pixels differ (as `vitask.crt_loss` requires).
+CRT negatives (`vitask_tasks.NegativeSampler`): sample i's negative image is drawn from the whole training split
+of i's own dataset (same instruction) among the rows with a different answer — never another dataset, never the
+same answer — a pure function of (rng_seed, step); its pixels are loaded with the batch. A dataset whose training
+split holds one answer only is a UserError before any training (when stage 2 runs). The negative pass shares the
+positive's ids exactly, only the pixels differ (as `vitask.crt_loss` requires).
 
 results.json also records a sha256 of the connector params after stage 1 and after stage 2 (they must be equal:
 the connector is frozen in stage 2).
@@ -116,6 +119,37 @@ def _sha(tree) -> str:
     return h.hexdigest()
 
 
+def tsm_pass(tsm_model, params, task: vitask_tasks.JointTask, split: vitask_tasks.Split, pixels_of,
+             batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(bool[N, C] predictions, f32[N, D] exemplar features) of `split` in one pass of the TSM's tower.
+
+    Args:
+      pixels_of: i32[b] rows of `split` -> f32[b, H, W, 3] (the CLIP tower's preprocessing).
+    """
+    preds, features = [], []
+    for idx, n in _chunks(range(len(split)), batch):
+        ds = split.dataset[idx]
+        p, f = tsm_lib.predict_and_features(tsm_model, params, pixels_of(idx), task.class_mask(ds),
+                                            task.multi_label[ds])
+        preds.append(np.asarray(p)[:n])
+        features.append(np.asarray(f, np.float32)[:n])
+    return np.concatenate(preds), np.concatenate(features)
+
+
+def make_tsm_eval(tsm_model, params, task: vitask_tasks.JointTask, pixels_of):
+    """The trainer's `eval_fn` of the TSM: trainable params -> the val split's mean (over datasets) accuracy and
+    macro-F1 (%), as the test table computes them; `trainer.fit` keeps the epoch of the best 'accuracy'.
+
+    Args:
+      params: the TSM's full tree (its frozen leaves, if any, complete the trainable ones).
+      pixels_of: i32[b] rows of `task.val` -> f32[b, H, W, 3].
+    """
+    def eval_fn(trainable):
+        pred, _ = tsm_pass(tsm_model, trainer.merge(trainable, params), task, task.val, pixels_of)
+        return vitask_tasks.split_metrics(task, task.val, pred)["mean"]
+    return eval_fn
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tokens.
 
@@ -183,19 +217,6 @@ class Seqs:
         return ids, mask
 
 
-def negative_index(labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """i32[B]: for each i, (i + s) mod B for the smallest s >= 1 with the same group (dataset) and a different
-    label; shift 1 if there is none. groups None: one group."""
-    b = len(labels)
-    groups = np.zeros(b, np.int64) if groups is None else np.asarray(groups)
-    out = (np.arange(b) + 1) % b
-    done = np.zeros(b, bool)
-    for s in range(1, b):
-        j = (np.arange(b) + s) % b
-        hit = (~done) & (labels[j] != labels) & (groups[j] == groups)
-        out[hit] = j[hit]
-        done |= hit
-    return out.astype(np.int32)
 # ----------------------------------------------------------------------------------------------------------
 # The LVLM passes and losses.
 
@@ -437,12 +458,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Everything a user can get wrong is checked before the workdir gets anything (or a TSM trains for nothing).
     config_utils.check_ranges(config, {
         "tsm.epochs": 1, "tsm.batch_size": 1, "tsm.optim.lr": 0, "train.batch_size": 1, "train.optim.lr": 0,
-        "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.lora_rank": 1, "method.alpha": 0,
+        "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.vanilla_epochs": 0, "data.val_limit": 0, "method.lora_rank": 1, "method.alpha": 0,
         "method.beta": 0, "data.eval_batch_size": 1, "data.test_limit": 0, "data.train_limit": 0,
         "method.connector_hidden": 0}, {"method.eval_mode": EVAL_MODES,
-                                        "method.rda_direction": vitask.DIRECTIONS})
+                                        "method.rda_direction": vitask.DIRECTIONS,
+                                        "tsm.selection": ("val", "last")})
     task = vitask_tasks.load_task(dc, config.rng_seed)
     train, test = task.train, task.test
+    # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
+    negatives = vitask_tasks.NegativeSampler(train, task.names) if mc.stage2_epochs else None
+    no_val = [d.name for k, d in enumerate(task.datasets) if not np.any(task.val.dataset == k)]
+    if sc.selection == "val" and no_val:
+        raise errors.UserError(f"{', '.join(no_val)} has no val split (a folder dataset needs <path>/val/<class>/): "
+                               "the TSM's best epoch is selected on val; add one or set --config.tsm.selection=last")
     is_ml = task.multi_label
     multi = [d.name for d in task.datasets if d.multi_label]
     if multi and mc.eval_mode == "likelihood":
@@ -500,27 +528,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for i in range(n_train // bs):
             yield tsm_batch(order[i * bs:(i + 1) * bs])
 
+    # The paper: "select the best model based on validation set performance" (mean val accuracy over datasets).
+    tsm_eval = (make_tsm_eval(tsm_model, tsm_params, task, lambda idx: _pixels(task.val.examples, idx, clip_pp))
+                if sc.selection == "val" else None)
     fit = trainer.fit(loss_fn=tsm_lib.make_loss_fn(tsm_model), params=tsm_params,
                       param_groups=list(tsm_lib.PARAM_GROUPS), optim=sc.optim.to_dict(), num_epochs=sc.epochs,
                       steps_per_epoch=n_train // bs, epoch_batches=tsm_batches, mesh=mesh,
                       rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm", log_every_s=10.0,
                       checkpoint_every_steps=sc.get("checkpoint_every_steps", 0),
-                      accum_steps=_accum(sc, bs, mesh, "tsm"))
-    tsm_params = jax.device_put(fit.best_params, repl)
+                      accum_steps=_accum(sc, bs, mesh, "tsm"), eval_fn=tsm_eval, select="accuracy")
+    tsm_params = trainer.merge(jax.device_put(fit.best_params, repl), tsm_params)
+    logging.info("TSM: epoch %d of %d kept (%s)", fit.best_epoch + 1, sc.epochs,
+                 "best val mean accuracy" if tsm_eval else "the last")
 
-    def tsm_pass(split):
-        """(bool[N, C] predictions, f32[N, D] exemplar features) in one pass of the tower."""
-        preds, features = [], []
-        for idx, n in _chunks(range(len(split)), 32):
-            ds = split.dataset[idx]
-            p, f = tsm_lib.predict_and_features(tsm_model, tsm_params, _pixels(split.examples, idx, clip_pp),
-                                                task.class_mask(ds), is_ml[ds])
-            preds.append(np.asarray(p)[:n])
-            features.append(np.asarray(f, np.float32)[:n])
-        return np.concatenate(preds), np.concatenate(features)
+    def pass_of(split):
+        return tsm_pass(tsm_model, tsm_params, task, split, lambda idx: _pixels(split.examples, idx, clip_pp))
 
-    _, train_feats = tsm_pass(train)
-    tsm_pred, test_feats = tsm_pass(test)
+    _, train_feats = pass_of(train)
+    tsm_pred, test_feats = pass_of(test)
     rows["TSM"] = vitask_tasks.split_metrics(task, test, tsm_pred)
     logging.info("TSM: %s", rows["TSM"])
 
@@ -537,9 +562,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     lora_kw = dict(lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank)
     logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", ckpt, ", ".join(task.names), n_train,
                  len(test), seqs.length)
-    # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
-    answer_key = {a: i for i, a in enumerate(sorted(set(zip(train.dataset.tolist(), train.responses))))}
-    train_key = np.array([answer_key[a] for a in zip(train.dataset.tolist(), train.responses)], np.int64)
 
     bs = _batch_size(tc.batch_size, n_train, mesh)
     steps = n_train // bs
@@ -553,7 +575,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 b = {**seqs.rows(train.dataset[idx], [train.responses[j] for j in idx]), "pixel_values": px,
                      "feature": train_feats[idx]}
                 if with_neg:
-                    b["neg_pixel_values"] = px[negative_index(train_key[idx], train.dataset[idx])]
+                    neg = negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
+                    b["neg_pixel_values"] = _pixels(train.examples, neg, pp)
                 yield b
         return epoch_batches
 
@@ -567,11 +590,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         accum_steps=_accum(tc, bs, mesh, "train"))
         return trainer.merge(jax.device_put(f.best_params, repl), params), f.history
 
+    # Vanilla gets as many steps as VITask's two stages together unless told otherwise (same batches per epoch).
+    van_epochs = mc.vanilla_epochs or mc.stage1_epochs + mc.stage2_epochs
+    logging.info("steps: vanilla %d, VITask stage 1 %d + stage 2 %d", van_epochs * steps, mc.stage1_epochs * steps,
+                 mc.stage2_epochs * steps)
     lora0 = peft.lora_init(base, jax.random.fold_in(rng, 3), targets=targets, rank=mc.lora_rank)
     conn0 = nn.meta.unbox(connector.init(jax.random.fold_in(rng, 4),
                                          jnp.zeros((1, train_feats.shape[1]), jnp.float32))["params"])
     # Vanilla baseline: L_van only, its own LoRA.
-    van, h_van = fit_lvlm("vanilla", {"base": base, "lora": lora0}, [("lora/.*", 1.0)], None, mc.stage1_epochs, 10)
+    van, h_van = fit_lvlm("vanilla", {"base": base, "lora": lora0}, [("lora/.*", 1.0)], None, van_epochs, 10)
     # VITask stage 1: {'lora', 'connector'}; stage 2: + CRT, the connector frozen.
     p1, h1 = fit_lvlm("vitask_stage1", {"base": base, "lora": lora0, "connector": conn0},
                       [("lora/.*", 1.0), ("connector/.*", 1.0)], 1, mc.stage1_epochs, 11)
@@ -622,6 +649,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     out = {"checkpoint": ckpt, "tsm_checkpoint": clip_dir, "datasets": datasets, "num_classes": num_classes,
            "train_examples": n_train, "test_examples": len(test), "eval_mode": mc.eval_mode,
            "connector_sha256": {"stage1": sha1, "stage2": sha2},
+           "steps": {"vanilla": van_epochs * steps, "stage1": mc.stage1_epochs * steps,
+                     "stage2": mc.stage2_epochs * steps},
+           "tsm_selection": {"mode": sc.selection, "best_epoch": fit.best_epoch, "val_examples": len(task.val)},
            "history": {"tsm": fit.history, "vanilla": h_van, "stage1": h1, "stage2": h2}, "results": rows}
     report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
     report.write_json(os.path.join(workdir, "results.json"), out)
