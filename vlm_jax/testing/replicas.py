@@ -180,10 +180,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
     Returns:
       The checkpoint directory.
     """
-    import jax
     import jax.numpy as jnp
-    import numpy as np
-    from flax import linen as nn
     from transformers import CLIPImageProcessorPil, LlavaConfig as HFConfig, LlavaProcessor, SiglipImageProcessorPil
 
     from vlm_jax.convert import llava as llava_convert
