@@ -7,8 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The suite's models are tiny, so its time goes to XLA compiling on 2 cores, not to running: skipping the CPU
 # backend's expensive LLVM passes cuts that by about a third. Results are the same up to float rounding, which
 # every tolerance here allows. Child processes inherit it (tests append their device-count flag).
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]))
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [_USER_XLA_FLAGS, *FAST_COMPILE_FLAGS]))
 
 import jax  # noqa: E402
 
@@ -24,6 +25,14 @@ except ImportError:
 
 # ----------------------------------------------------------------------------- tiny HF CLIP fixtures
 import pytest  # noqa: E402
+
+
+@pytest.fixture
+def optimized_env():
+    """The environment for a child process that *computes* more than it compiles (the LVLM programs on the
+    576 / 729-image-token replicas): XLA's optimising backend, which runs their steps about 2x faster than the
+    suite's fast-compile flags do."""
+    return dict(os.environ, XLA_FLAGS=_USER_XLA_FLAGS, JAX_PLATFORMS="cpu")
 
 # A tiny HF CLIP config (both towers 2 layers); tests override fields per case.
 TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -63,3 +72,15 @@ def hf_clip(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+# The suite's longest tests (child processes running whole programs) go first, so that with `-n 2` the two
+# workers share them instead of one worker finishing alone on the last of them.
+_FIRST = ("test_vitask_runlocal.py::test_vitask_runlocal", "test_lvlm_replica_runs.py", "test_pairs.py::test_runlocal",
+          "test_mesh_equivalence.py", "test_runlocal.py", "test_sharded_load.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((i for i, key in enumerate(_FIRST) if key in item.nodeid), len(_FIRST))
+    items.sort(key=rank)  # stable: the rest keep their order

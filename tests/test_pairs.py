@@ -66,8 +66,8 @@ def test_bad_specs(tokens):
                                                   text_len=8)).text_row("a photo of a cat.")
 
 
-def test_runlocal_trains_and_evaluates(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=str(tmp_path / "cache"))
+def test_runlocal_trains_and_evaluates(tmp_path, optimized_env):
+    env = dict(optimized_env, VLM_JAX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
                            "--config=configs/discriminative.py:runlocal", f"--workdir={tmp_path / 'run'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

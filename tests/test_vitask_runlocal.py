@@ -14,15 +14,15 @@ ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
 DATASETS = ("builtin_a", "builtin_b")
 
 
-def test_vitask_runlocal(tmp_path):
+def test_vitask_runlocal(tmp_path, optimized_env):
     workdir = tmp_path / "tmp"
-    env = dict(os.environ, VLM_JAX_CACHE=str(tmp_path / "tmp" / "cache"), JAX_PLATFORMS="cpu")
+    env = dict(optimized_env, VLM_JAX_CACHE=str(tmp_path / "tmp" / "cache"))
     proc = subprocess.run([sys.executable, "launch/main.py", "--config=configs/vitask.py:runlocal",
                            f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads((workdir / "results.json").read_text())
     assert [d["name"] for d in out["datasets"]] == list(DATASETS)
-    assert [d["test_examples"] for d in out["datasets"]] == [20, 20] and out["num_classes"] == 10
+    assert [d["test_examples"] for d in out["datasets"]] == [10, 10] and out["num_classes"] == 10
     assert out["datasets"][1]["instruction"].endswith("galaxy, stained tissue sample, retina, coin, brick wall.")
     assert set(ROWS) <= set(out["results"]), out["results"].keys()
     for name in ROWS:
