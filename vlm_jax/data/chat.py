@@ -99,6 +99,7 @@ class ChatFormat:
         self.eos_id = tokenizer.eos_token_id
         self.eos_text = tokenizer.eos_token or ""
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self._heads: dict[tuple[str, bool], tuple[str, list[int]]] = {}
         self.answer_sep = self._answer_separator()
 
     # --------------------------------------------------------------------------------------------- rendering
@@ -150,8 +151,11 @@ class ChatFormat:
         Raises:
           UserError: the prompt's ids are not a prefix (a tokenizer merging across the boundary).
         """
-        rendered = self.render(prompt_text, image)
-        head = self.encode(rendered)[0]
+        key = (prompt_text, image)
+        if key not in self._heads:  # one prompt, many answers (every long caption of a run): render it once
+            rendered = self.render(prompt_text, image)
+            self._heads[key] = rendered, self.encode(rendered)[0]
+        rendered, head = self._heads[key]
         full = self.encode(rendered + self.answer_sep + answer + (self.eos_text if eos else ""))[0]
         if full[:len(head)] != head:
             raise UserError(f"the tokenizer merges the answer {answer!r} into the prompt's last token; "

@@ -212,7 +212,8 @@ def cache_features(bb: Backbone, few: list[fewshot.Example], dc, shots, seed, ca
             total = total + feats.map_batches(bb.encode_image, bb.params, items, bb.augment_transform,
                                               batch_size=dc.batch_size, mesh=bb.mesh,
                                               desc=f"cache features {epoch + 1}/{dc.augment_epoch}")
-        return {"keys": feats.l2_normalize(total / dc.augment_epoch), "labels": np.array([e.label for e in few], np.int32)}
+        return {"keys": feats.l2_normalize(total / dc.augment_epoch),
+                "labels": np.array([e.label for e in few], np.int32)}
     key = _key(bb, dc, kind="cache", shots=shots, seed=seed, augment_epoch=dc.augment_epoch, augment="rrc0.5-flip")
     return feats.cached(cache_dir, key, compute)
 

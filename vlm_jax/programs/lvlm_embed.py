@@ -85,14 +85,16 @@ def load_pairs(dc):
 # ----------------------------------------------------------------------------------------------------------
 # Embedding functions for the evaluation suite.
 
+def _source(item):
+    return item.array if getattr(item, "array", None) is not None else getattr(item, "path", item)
+
+
 def _load(item, pp) -> np.ndarray:
-    src = item.array if getattr(item, "array", None) is not None else getattr(item, "path", item)
-    return preprocess.preprocess_image(src, pp)
+    return preprocess.preprocess_image(_source(item), pp)  # the LVLM's own processor settings
 
 
 def _load_clip(item, pp) -> np.ndarray:
-    src = item.array if getattr(item, "array", None) is not None else getattr(item, "path", item)
-    return preprocess.clip_preprocess(preprocess.load_image(src), **pp)
+    return preprocess.clip_preprocess(preprocess.load_image(_source(item)), **pp)
 
 
 def _batched(fn, items, make, mesh, batch_size) -> np.ndarray:

@@ -3,9 +3,9 @@
 Data flow: config -> task (`data.vitask_tasks`: one dataset or several trained jointly — MedMNIST 2D, image
 folders, or on `:runlocal` the built-in photos split into two 5-class "diagnosis" datasets) -> TSM (CLIP vision
 tower + one linear head over the union of the datasets' labels, softmax masked to each sample's own dataset,
-sigmoid BCE for a multi-label dataset; `methods.tsm`) trained with the generic trainer, its epoch chosen by the mean
-(over datasets) val accuracy of every dataset's val split (`tsm.selection='val'`, the paper's rule) -> frozen TSM exemplar
-features -> LLaVA + LoRA (+ `ExemplarConnector`) trained with `methods.vitask` on batches that mix the datasets,
+sigmoid BCE for a multi-label dataset; `methods.tsm`) trained with the generic trainer, its epoch chosen by the
+mean (over datasets) val accuracy of every dataset's val split (`tsm.selection='val'`, the paper's rule) -> frozen
+TSM exemplar features -> LLaVA + LoRA (+ `ExemplarConnector`) trained with `methods.vitask` on batches that mix the datasets,
 each sample with its own dataset's instruction:
   vanilla baseline: L_van only (its own LoRA; by default as many steps as both VITask stages together,
                     `method.vanilla_epochs`);
@@ -458,8 +458,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Everything a user can get wrong is checked before the workdir gets anything (or a TSM trains for nothing).
     config_utils.check_ranges(config, {
         "tsm.epochs": 1, "tsm.batch_size": 1, "tsm.optim.lr": 0, "train.batch_size": 1, "train.optim.lr": 0,
-        "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.vanilla_epochs": 0, "data.val_limit": 0, "method.lora_rank": 1, "method.alpha": 0,
-        "method.beta": 0, "data.eval_batch_size": 1, "data.test_limit": 0, "data.train_limit": 0,
+        "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.vanilla_epochs": 0, "method.lora_rank": 1,
+        "method.alpha": 0, "method.beta": 0, "data.eval_batch_size": 1, "data.test_limit": 0, "data.train_limit": 0,
+        "data.val_limit": 0,
         "method.connector_hidden": 0}, {"method.eval_mode": EVAL_MODES,
                                         "method.rda_direction": vitask.DIRECTIONS,
                                         "tsm.selection": ("val", "last")})
