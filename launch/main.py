@@ -75,7 +75,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    from vlm_jax.train import distributed  # after flag parsing: keeps --help fast
+    from vlm_jax.runtime import distributed  # after flag parsing: keeps --help fast
 
     # Before anything touches a JAX backend (loading the config does not).
     try:
@@ -104,7 +104,8 @@ def main(argv):
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
     program = importlib.import_module(f"vlm_jax.programs.{config.program}")
-    from vlm_jax.train import trainer, workdir as workdir_lib
+    from vlm_jax.runtime import workdir as workdir_lib
+    from vlm_jax.train import trainer
     try:
         program.run(config, workdir)
     except errors.UserError as e:

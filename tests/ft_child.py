@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from vlm_jax import errors  # noqa: E402
-from vlm_jax.train import mesh as mesh_lib  # noqa: E402
+from vlm_jax.runtime import mesh as mesh_lib  # noqa: E402
 from vlm_jax.train import trainer  # noqa: E402
 
 N, BATCH, EPOCHS = 64, 8, 3

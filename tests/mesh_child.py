@@ -23,7 +23,7 @@ from vlm_jax.models import clip as clip_lib
 from vlm_jax.models import llava as llava_lib
 from vlm_jax.models import peft
 from vlm_jax.programs import vitask as vitask_program
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -26,7 +26,7 @@ from vlm_jax.convert import llama as llama_convert
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader, stream
 from vlm_jax.errors import UserError
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 
 
 def _status(key: str) -> int:

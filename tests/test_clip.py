@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from vlm_jax.convert import clip as clip_convert
 from vlm_jax.models import clip as clip_lib
 from vlm_jax.models.clip import CLIP
 
@@ -83,7 +84,7 @@ def loaded(hf_clip):
         if name not in cache:
             text, vision, proj = CASES[name]
             hf_model, path = hf_clip(name, text=text, vision=vision, projection_dim=proj)
-            cache[name] = (hf_model, *clip_lib.from_pretrained(path))
+            cache[name] = (hf_model, *clip_convert.from_pretrained(path))
         return cache[name]
 
     return get
@@ -138,7 +139,7 @@ def test_vision_hidden_states_match_hf(loaded):
 
 def test_bfloat16_runs_and_is_close(loaded, hf_clip):
     hf_model, _, _ = loaded("legacy_eos")
-    model, params = clip_lib.from_pretrained(hf_clip("legacy_eos")[1], dtype=jnp.bfloat16)
+    model, params = clip_convert.from_pretrained(hf_clip("legacy_eos")[1], dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     pixels, ids, mask = make_inputs(hf_model.config)
     want_image, want_text = hf_embeddings(hf_model, pixels, ids, mask)

@@ -186,7 +186,7 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from vlm_jax.methods import discriminative as disc
-    from vlm_jax.train import mesh as mesh_lib
+    from vlm_jax.runtime import mesh as mesh_lib
     assert jax.device_count() == 8
     mesh = mesh_lib.make_mesh({"data": 8})
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

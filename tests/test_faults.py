@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import errors
-from vlm_jax.train import workdir as workdir_lib
+from vlm_jax.runtime import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = os.path.join(ROOT, "tests", "ft_child.py")

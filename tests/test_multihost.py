@@ -24,13 +24,14 @@ SCRIPT = textwrap.dedent("""
     mode, out_dir = sys.argv[1], sys.argv[2]
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    from vlm_jax.train import distributed
+    from vlm_jax.runtime import distributed
     if mode == "worker":
         port, pid = sys.argv[3], int(sys.argv[4])
         assert distributed.initialize("auto", coordinator_address=f"localhost:{port}", num_processes=2,
                                       process_id=pid)
     import jax.numpy as jnp, numpy as np
-    from vlm_jax.train import mesh as mesh_lib, trainer
+    from vlm_jax.runtime import mesh as mesh_lib
+    from vlm_jax.train import trainer
 
     def log(*a):
         print(f"[{mode} {jax.process_index()}]", *a, flush=True)
@@ -200,7 +201,7 @@ def test_two_process_training_restores_in_one_process_and_equals_one_process_tra
 
 
 def test_cluster_detection():
-    from vlm_jax.train import distributed
+    from vlm_jax.runtime import distributed
 
     assert distributed.detect_cluster({}) is None
     assert distributed.detect_cluster({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}) is None

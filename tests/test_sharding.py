@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, transformers
     jax.config.update("jax_default_matmul_precision", "highest")
     from vlm_jax.models.llava import Llava
-    from vlm_jax.train import mesh as mesh_lib
+    from vlm_jax.runtime import mesh as mesh_lib
 
     assert len(jax.devices()) == 8
     config = transformers.LlavaConfig(

@@ -14,7 +14,6 @@ import transformers
 from vlm_jax.convert import loader
 from vlm_jax.convert import siglip as convert
 from vlm_jax.convert.loader import CheckpointError
-from vlm_jax.models import siglip as siglip_lib
 from vlm_jax.models.siglip import SiglipVisionTower
 
 TINY = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -103,7 +102,7 @@ def assert_trees_equal(a, b):
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_hf(hf_siglip, name):
     hf_model, path = hf_siglip(name)
-    model, params = siglip_lib.from_pretrained(path)
+    model, params = convert.from_pretrained(path)
     assert model.cfg.use_head == hf_model.config.vision_use_head
     assert_matches_hf(model, params, hf_model)
 
@@ -111,7 +110,7 @@ def test_matches_hf(hf_siglip, name):
 def test_post_layernorm_is_not_in_hidden_states(hf_siglip):
     """LLaVA reads hidden_states[-1]: the last layer's raw output, not last_hidden_state."""
     hf_model, path = hf_siglip("odd")
-    model, params = siglip_lib.from_pretrained(path)
+    model, params = convert.from_pretrained(path)
     states, last, _ = flax_outputs(model, params, pixels_of(hf_model))
     assert np.abs(states[-1] - last).max() > 0.1
 

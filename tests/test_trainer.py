@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
 

@@ -202,7 +202,7 @@ def test_vitask_tsm_selection_keeps_the_best_val_epoch(model):
     accuracy of the kept and of the last parameters is recomputed here from the logits (numpy)."""
     from vlm_jax.data import vitask_tasks
     from vlm_jax.programs import vitask as prog
-    from vlm_jax.train import mesh as mesh_lib
+    from vlm_jax.runtime import mesh as mesh_lib
 
     datasets = [vitask_tasks.TaskDataset(f"d{k}", "x", tuple(f"c{j}" for j in range(s)), False, [], [])
                 for k, s in enumerate(SIZES)]

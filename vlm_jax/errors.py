@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """Bad input: the message says what is wrong and what to do."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete, corrupt or does not match the model."""

@@ -93,7 +93,7 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
       attention_impl: None (XLA) or 'cudnn', see `CLIP`.
       mesh: a `jax.sharding.Mesh`: params sharded by their logical axis names and `rules`; None: the
         default device.
-      rules: logical axis -> mesh axis rules (`vlm_jax.train.mesh.DEFAULT_RULES` when None).
+      rules: logical axis -> mesh axis rules (`vlm_jax.runtime.mesh.DEFAULT_RULES` when None).
 
     Returns:
       (model, params): a `CLIP` module and its plain (unboxed) params tree of `jax.Array`s.

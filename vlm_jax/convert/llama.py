@@ -162,7 +162,7 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
       dtype: compute dtype of the returned module.
       param_dtype: dtype of the returned params (each tensor is cast as it is read); defaults to `dtype`.
       attention_impl, remat, scan_layers: see `CausalLM`. Scanned params are stacked per device slice.
-      mesh: a `jax.sharding.Mesh` (`vlm_jax.train.mesh.make_mesh`): params are sharded by their logical
+      mesh: a `jax.sharding.Mesh` (`vlm_jax.runtime.mesh.make_mesh`): params are sharded by their logical
         axis names and `rules`. None: every param on the default device.
       rules: logical axis -> mesh axis rules (`mesh.DEFAULT_RULES` when None; config list form accepted).
 

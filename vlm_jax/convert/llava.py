@@ -105,7 +105,7 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
       dtype: compute dtype; param_dtype: dtype of the returned params, each tensor cast as it is read
         (defaults to `dtype`).
       attention_impl, remat: see `Llava`.
-      mesh: a `jax.sharding.Mesh` (`vlm_jax.train.mesh.make_mesh`): params are sharded by their logical
+      mesh: a `jax.sharding.Mesh` (`vlm_jax.runtime.mesh.make_mesh`): params are sharded by their logical
         axis names and `rules`. None: every param on the default device.
       rules: logical axis -> mesh axis rules (`mesh.DEFAULT_RULES` when None; config list form accepted).
 

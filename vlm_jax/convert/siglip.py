@@ -140,7 +140,7 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, use_hea
       attention_impl: None (XLA) or 'cudnn', see `SiglipVisionTower`.
       mesh: a `jax.sharding.Mesh`: params sharded by their logical axis names and `rules`; None: the
         default device. Tensors are read one at a time and placed straight into their sharding.
-      rules: logical axis -> mesh axis rules (`vlm_jax.train.mesh.DEFAULT_RULES` when None).
+      rules: logical axis -> mesh axis rules (`vlm_jax.runtime.mesh.DEFAULT_RULES` when None).
 
     Returns:
       (model, params): a `SiglipVisionTower` and its plain (unboxed) params tree of `jax.Array`s.

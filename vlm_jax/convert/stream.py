@@ -330,13 +330,13 @@ def shardings_for(model, mesh, rules=None, abstract=None) -> Any:
     Args:
       model: a Flax module with `init_inputs()`.
       mesh: the `jax.sharding.Mesh`.
-      rules: logical axis -> mesh axis rules; None means `vlm_jax.train.mesh.DEFAULT_RULES`.
+      rules: logical axis -> mesh axis rules; None means `vlm_jax.runtime.mesh.DEFAULT_RULES`.
       abstract: `abstract_params(model)` if already at hand (saves a trace).
 
     Returns:
       A tree of `NamedSharding`s shaped like the (unboxed) params.
     """
-    from vlm_jax.train import mesh as mesh_lib  # the rule table lives with the mesh
+    from vlm_jax.runtime import mesh as mesh_lib  # the rule table lives with the mesh
 
     abstract = abstract_params(model) if abstract is None else abstract
     return mesh_lib.param_shardings(abstract, mesh, mesh_lib.rules_from_config(rules))

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data import datasets_meta as meta
-from vlm_jax.data.fewshot import DatasetError, Example, FewShotDataset
+from vlm_jax.data.types import DatasetError, Example, FewShotDataset
 from vlm_jax.data.preprocess import load_image
 
 # (file in skimage/data, class name, CuPL-style descriptions). Ten visually distinct photos: 8 colour,

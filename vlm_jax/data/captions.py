@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vlm_jax.data.fewshot import DatasetError
+from vlm_jax.data.types import DatasetError
 
 PathLike = str | os.PathLike
 

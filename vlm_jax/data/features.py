@@ -18,9 +18,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from vlm_jax.train import mesh as mesh_lib
-from vlm_jax.train import workdir as workdir_lib
-from vlm_jax.train.metrics import Progress
+from vlm_jax.runtime import mesh as mesh_lib
+from vlm_jax.runtime import workdir as workdir_lib
+from vlm_jax.runtime.metrics import Progress
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2))
 

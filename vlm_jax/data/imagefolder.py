@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from vlm_jax.data.fewshot import DatasetError, Example
+from vlm_jax.data.types import DatasetError, Example
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")

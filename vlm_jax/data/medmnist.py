@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm_jax.data.fewshot import DatasetError
+from vlm_jax.data.types import DatasetError
 from vlm_jax.data.preprocess import load_image
 
 MULTI_CLASS = "multi-class"

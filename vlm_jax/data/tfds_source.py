@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vlm_jax.data import datasets_meta as meta
-from vlm_jax.data.fewshot import DatasetError, Example, FewShotDataset, load_cupl
+from vlm_jax.data.types import DatasetError, Example, FewShotDataset, load_cupl
 from vlm_jax.data.preprocess import load_image
 
 

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from vlm_jax.convert.loader import CheckpointError, resolve_checkpoint
+from vlm_jax.errors import CheckpointError
+from vlm_jax.runtime.hub import resolve_checkpoint
 
 # Any one of these means the directory carries a tokenizer AutoTokenizer can build.
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model")

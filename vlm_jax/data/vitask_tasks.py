@@ -41,7 +41,7 @@ import numpy as np
 
 from vlm_jax import errors
 from vlm_jax.data import imagefolder, medmnist
-from vlm_jax.data.fewshot import Example
+from vlm_jax.data.types import Example
 
 FOLDER = "folder:"
 BUILTIN = ("builtin", "builtin_a", "builtin_b")

@@ -398,10 +398,3 @@ class CLIP(nn.Module):
         return (jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32),
                 jnp.zeros((batch, t.max_position_embeddings), jnp.int32),
                 jnp.ones((batch, t.max_position_embeddings), jnp.int32))
-
-
-def from_pretrained(path_or_hub_id, dtype: Dtype = jnp.float32, **kwargs):
-    """Loads (CLIP, params) from an HF checkpoint; see `vlm_jax.convert.clip.from_pretrained`."""
-    from vlm_jax.convert import clip as _convert  # lazy: convert imports this module
-
-    return _convert.from_pretrained(path_or_hub_id, dtype=dtype, **kwargs)

@@ -478,10 +478,3 @@ class CausalLM(nn.Module):
     def init_inputs(self, batch: int = 1, length: int = 8):
         """Dummy (input_ids, attention_mask) for `init` / `jax.eval_shape`."""
         return jnp.zeros((batch, length), jnp.int32), jnp.ones((batch, length), jnp.int32)
-
-
-def from_pretrained(path_or_hub_id, dtype: Dtype = jnp.float32, **kwargs):
-    """Loads (CausalLM, params) from an HF checkpoint; see `vlm_jax.convert.llama.from_pretrained`."""
-    from vlm_jax.convert import llama as _convert  # lazy: convert imports this module
-
-    return _convert.from_pretrained(path_or_hub_id, dtype=dtype, **kwargs)

@@ -268,10 +268,3 @@ class SiglipVisionTower(nn.Module):
         """Dummy (pixel_values,) for `init` / `jax.eval_shape`."""
         c = self.cfg
         return (jnp.zeros((batch, c.image_size, c.image_size, c.num_channels), jnp.float32),)
-
-
-def from_pretrained(path_or_hub_id, dtype: Dtype = jnp.float32, **kwargs):
-    """Loads (SiglipVisionTower, params) from an HF checkpoint; see `vlm_jax.convert.siglip.from_pretrained`."""
-    from vlm_jax.convert import siglip as _convert  # lazy: convert imports this module
-
-    return _convert.from_pretrained(path_or_hub_id, dtype=dtype, **kwargs)

@@ -29,9 +29,9 @@ from vlm_jax.data import features as feats
 from vlm_jax.data import fewshot, preprocess, tokenize
 from vlm_jax.eval import report
 from vlm_jax.programs import fewshot_methods, fewshot_realistic
-from vlm_jax.train import mesh as mesh_lib
-from vlm_jax.train import workdir as workdir_lib
-from vlm_jax.train.metrics import MetricWriter
+from vlm_jax.runtime import mesh as mesh_lib
+from vlm_jax.runtime import workdir as workdir_lib
+from vlm_jax.runtime.metrics import MetricWriter
 
 BUILTIN_CHECKPOINT = "builtin:tiny-clip"
 # config.protocol -> the protocols it runs (see configs/dualadapter.py and `fewshot_realistic`).

@@ -20,7 +20,7 @@ from absl import logging
 from vlm_jax.data import features as feats
 from vlm_jax.eval import classification
 from vlm_jax.methods import dualadapter, tip_adapter
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
 

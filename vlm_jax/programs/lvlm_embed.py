@@ -29,10 +29,10 @@ from vlm_jax.eval import report, retrieval
 from vlm_jax.eval import suite as eval_suite
 from vlm_jax.methods import discriminative as disc
 from vlm_jax.models import peft
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
-from vlm_jax.train import workdir as workdir_lib
-from vlm_jax.train.metrics import MetricWriter
+from vlm_jax.runtime import workdir as workdir_lib
+from vlm_jax.runtime.metrics import MetricWriter
 
 # Retrieval: R@1/R@5/R@10 both directions (the paper's tables report R@1 and R@10).
 TABLE_COLUMNS = {"t2i_R@1": "T2I R@1", "t2i_R@5": "T2I R@5", "t2i_R@10": "T2I R@10",

@@ -68,10 +68,10 @@ from vlm_jax.methods import discriminative as disc
 from vlm_jax.methods import tsm as tsm_lib
 from vlm_jax.methods import vitask
 from vlm_jax.models import peft
-from vlm_jax.train import mesh as mesh_lib
+from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
-from vlm_jax.train import workdir as workdir_lib
-from vlm_jax.train.metrics import MetricWriter
+from vlm_jax.runtime import workdir as workdir_lib
+from vlm_jax.runtime.metrics import MetricWriter
 
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
 METRICS = {"accuracy": "acc", "macro_f1": "F1"}

@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vlm_jax import errors
-from vlm_jax.train import mesh as mesh_lib
-from vlm_jax.train import workdir as workdir_lib
+from vlm_jax.runtime import mesh as mesh_lib
+from vlm_jax.runtime import workdir as workdir_lib
 
 PyTree = Any
 

@@ -29,9 +29,9 @@ from flax import traverse_util
 
 from vlm_jax import errors
 from vlm_jax.train import checkpoints as ckpt_lib
-from vlm_jax.train import distributed
-from vlm_jax.train import mesh as mesh_lib
-from vlm_jax.train.metrics import MetricWriter, Progress
+from vlm_jax.runtime import distributed
+from vlm_jax.runtime import mesh as mesh_lib
+from vlm_jax.runtime.metrics import MetricWriter, Progress
 
 PyTree = Any
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]

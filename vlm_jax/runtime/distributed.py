@@ -20,7 +20,7 @@ import jax
 from absl import logging
 
 from vlm_jax import errors
-from vlm_jax.train import workdir as workdir_lib
+from vlm_jax.runtime import workdir as workdir_lib
 
 MODES = ("auto", "on", "off")
 # After SIGTERM, how long a training loop gets to reach the end of its step, save and stop by itself.
