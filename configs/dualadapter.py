@@ -54,6 +54,8 @@ import os
 
 import ml_collections
 
+from vlm_jax.runtime import cache
+
 from vlm_jax import config_utils
 
 METHODS = ("zeroshot", "tip_adapter", "tip_adapter_f", "dualadapter", "dualadapter_f")
@@ -103,10 +105,9 @@ def get_config(arg=None):
         extra_test="",
     )
     c.sweep = dict(enabled=arg.sweep, shots=(1, 2, 4, 8, 16), seeds=(1, 2, 3))  # --config.sweep.shots="(1,4)"
-    c.feature_cache_dir = os.path.join(os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax")),
-                                       "features")
+    c.feature_cache_dir = os.path.join(cache.cache_root(), "features")  # $VLM_JAX_CACHE/features
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    c.train = dict(resume="check")   # 'force': resume a workdir whose config.json differs (train/workdir.py)
+    c.train = dict(resume="check")   # 'force': resume a workdir whose config.json differs (runtime/workdir.py)
     c.rng_seed = 0
 
     da = dualadapter.PRESETS.get(name, dualadapter.PRESETS["default"])

@@ -22,7 +22,6 @@ from vlm_jax.methods import dualadapter, tsm, vitask
 from vlm_jax.models import clip as clip_lib
 from vlm_jax.models import llava as llava_lib
 from vlm_jax.models import peft
-from vlm_jax.programs import vitask as vitask_program
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
@@ -136,8 +135,8 @@ def setup_vitask(rng):
     conn = jax.device_get(connector.init(jax.random.key(2), jnp.zeros((1, 24)))["params"])
     params = {"base": base, "lora": peft.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=4),
               "connector": conn}
-    forward = vitask_program.make_forward(model, connector, IMAGE_TOKEN)
-    loss_fn = vitask_program.make_loss_fn(forward, stage=2, pad_id=0, lora_alpha=8, lora_rank=4, alpha=1.0,
+    forward = vitask.make_forward(model, connector, IMAGE_TOKEN)
+    loss_fn = vitask.make_loss_fn(forward, stage=2, pad_id=0, lora_alpha=8, lora_rank=4, alpha=1.0,
                                           beta=1.0, rda_direction="student_teacher")
 
     def batch():

@@ -1,4 +1,4 @@
-"""VladVA's prompt selection by entropy (vlm_jax.eval.prompt_entropy) against HF transformers + torch: the HF
+"""VladVA's prompt selection by entropy (vlm_jax.programs.prompt_entropy) against HF transformers + torch: the HF
 processor's rows and pixels, the HF model's last-position logits, torch's Categorical entropy."""
 
 import numpy as np
@@ -8,7 +8,7 @@ import transformers
 from PIL import Image
 
 from vlm_jax.errors import UserError
-from vlm_jax.eval import prompt_entropy
+from vlm_jax.programs import prompt_entropy
 from vlm_jax.testing import replicas
 
 PROMPTS = ["Summary above image in one word:", "Describe the image in detail.", "What is shown in this image?"]

@@ -15,9 +15,8 @@ from PIL import Image
 
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader
-from vlm_jax.data import chat, pairs, preprocess, tokenize
+from vlm_jax.data import chat, pairs, preprocess, tokenize, vitask_tasks
 from vlm_jax.methods import discriminative as disc
-from vlm_jax.programs import vitask as vitask_prog
 from vlm_jax.testing import replicas
 
 torch = pytest.importorskip("torch")
@@ -122,7 +121,7 @@ def test_vladva_text_rows_truncate_at_a_token(replica):
 
 def test_vitask_rows_are_the_processors(replica):
     _, _, proc, _, fmt = replica
-    seqs = vitask_prog.Seqs(fmt, INSTRUCTIONS, RESPONSES)
+    seqs = vitask_tasks.Seqs(fmt, INSTRUCTIONS, RESPONSES)
     batch = seqs.rows(np.array([0, 1, 0]), ["benign.", "a cat.", "malignant."])
     for i, (d, r) in enumerate([(0, "benign."), (1, "a cat."), (0, "malignant.")]):
         n = int(batch["attention_mask"][i].sum())

@@ -9,6 +9,7 @@ import pytest
 
 from vlm_jax.data import chat, fewshot, medmnist, tokenize, vitask_tasks
 from vlm_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from vlm_jax.eval import lvlm_classify
 from vlm_jax.methods import discriminative as disc
 from vlm_jax.methods import vitask
 from vlm_jax.models import llava as llava_lib
@@ -78,7 +79,7 @@ def setup(tmp_path_factory):
     texts = [TEMPLATE.replace("{}", i) for i in instructions] + [r for rs in labels for r in rs] + ["normal."]
     model, base, tok = _tiny_llava(texts, tmp_path_factory.mktemp("tok"))
     fmt = chat.ChatFormat(tok, TEMPLATE, model.cfg.tokens_per_image, model.cfg.image_token_id)
-    seqs = prog.Seqs(fmt, instructions, task.train.responses + [r for rs in labels for r in rs])
+    seqs = vitask_tasks.Seqs(fmt, instructions, task.train.responses + [r for rs in labels for r in rs])
     conn = vitask.ExemplarConnector(out_dim=64)
     conn_params = _random_params(conn.init, (jnp.zeros((1, 8)),), 2)
     targets = [tuple(t) if isinstance(t, (list, tuple)) else t for t in disc.LORA_TARGETS]
@@ -130,9 +131,9 @@ def test_cached_ranking_equals_uncached_passes(setup):
     # The program's evaluation: LoRA unmerged (as trained); the reference below merges it in float32.
     weights = {"base": base, "lora": lora}
     ids, mask = seqs.prompt_rows(ds)
-    rank = prog.make_ranker(peft.LoraModel(model, alpha=2.0, rank=2), conn, model.cfg.image_token_id)
+    rank = vitask.make_ranker(peft.LoraModel(model, alpha=2.0, rank=2), conn, model.cfg.image_token_id)
     # Reference: one full right-padded sequence per (image, label), vision tower and all, in one batch.
-    score = prog.make_scorer(prog.make_forward(model, conn, model.cfg.image_token_id), lora_alpha=2.0, lora_rank=2)
+    score = vitask.make_scorer(vitask.make_forward(model, conn, model.cfg.image_token_id), lora_alpha=2.0, lora_rank=2)
     pairs = [(i, j) for i, d in enumerate(ds) for j in range(len(setup["labels"][d]))]
     r = seqs.rows([ds[i] for i, _ in pairs], [setup["labels"][ds[i]][j] for i, j in pairs])
     rows = np.array([i for i, _ in pairs])
@@ -153,17 +154,17 @@ def test_rank_and_generate_stay_in_own_label_set(setup):
     test = task.test
     feats = np.zeros((len(test), 8), np.float32)
     weights = peft.lora_merge(setup["base"], setup["lora"], alpha=2.0, rank=2)
-    rank = prog.make_ranker(model, conn, model.cfg.image_token_id)
+    rank = vitask.make_ranker(model, conn, model.cfg.image_token_id)
     rows = [i for i in range(len(test)) if not task.multi_label[test.dataset[i]]]
-    pred, valid = prog.rank_labels(rank, weights, conn_params, seqs, seqs.answer_table(setup["labels"]), task, test,
-                                   rows, feats, setup["pp"], 3, False)
+    pred, valid = lvlm_classify.rank_labels(rank, weights, conn_params, seqs, seqs.answer_table(setup["labels"]), task, test,
+                                   rows, feats, lambda idx: prog._pixels(test.examples, idx, setup["pp"]), 3, False)
     assert valid.tolist() == [i in rows for i in range(len(test))]
     np.testing.assert_array_equal(pred.sum(1), valid.astype(int))
     mask = task.class_mask(test.dataset)
     assert not (pred & ~mask).any()  # every prediction inside the sample's own dataset
-    embed = prog.make_embedder(model, conn, model.cfg.image_token_id)
-    pred, valid = prog.generate_labels(model, embed, seqs, tok, task, test, weights, conn_params, feats, setup["pp"],
-                                       4, True)
+    embed = vitask.make_embedder(model, conn, model.cfg.image_token_id)
+    pred, valid = lvlm_classify.generate_labels(model, embed, seqs, tok, task, test, weights, conn_params, feats,
+                                       lambda idx: prog._pixels(test.examples, idx, setup["pp"]), 4, True)
     assert pred.shape == (len(test), task.num_classes) and not (pred & ~mask).any()
     assert not pred[~valid].any()
 
@@ -208,7 +209,7 @@ def test_left_padded_mixed_batch_generates_as_each_prompt_alone(setup):
     conn, conn_params = setup["conn"], setup["conn_params"]
     test = task.test
     weights = peft.lora_merge(setup["base"], setup["lora"], alpha=2.0, rank=2)
-    embed = prog.make_embedder(model, conn, model.cfg.image_token_id)
+    embed = vitask.make_embedder(model, conn, model.cfg.image_token_id)
     idx = np.array([0, 5, 8])  # one row per dataset, three prompt lengths
     px = prog._pixels(test.examples, idx, setup["pp"])
     feats = np.random.default_rng(5).normal(size=(3, 8)).astype(np.float32)
@@ -235,7 +236,7 @@ def test_repeat_cache_repeats_rows_in_both_layer_layouts(scan_layers):
     fill = lambda x: jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
     cache = cache.replace(k=jax.tree.map(fill, cache.k), v=jax.tree.map(fill, cache.v), mask=fill(cache.mask),
                           index=jnp.asarray(3, jnp.int32))
-    out = prog.repeat_cache(cache, 3, scan_layers)
+    out = vitask.repeat_cache(cache, 3, scan_layers)
     axis = 1 if scan_layers else 0
     before, after = jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((out.k, out.v))
     for a, b in zip(before, after):

@@ -208,3 +208,12 @@ def l2_normalize(x: np.ndarray | jax.Array, axis: int = -1):
     norm = np.linalg.norm(x, axis=axis, keepdims=True) if isinstance(x, np.ndarray) else jax.numpy.linalg.norm(
         x, axis=axis, keepdims=True)
     return x / norm
+
+
+def padded_chunks(rows: Sequence[int], batch: int):
+    """(idx, n): `rows` in chunks of `batch`, the last padded with its first row (one compiled shape)."""
+    rows = list(rows)
+    for i in range(0, len(rows), batch):
+        idx = rows[i:i + batch]
+        n = len(idx)
+        yield np.asarray(idx + [idx[0]] * (batch - n)), n

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from vlm_jax import errors
-from vlm_jax.data import imagefolder, medmnist
+from vlm_jax.data import chat, imagefolder, medmnist
 from vlm_jax.data.types import Example
 
 FOLDER = "folder:"
@@ -339,3 +339,70 @@ def split_metrics(task: JointTask, split: Split, pred: np.ndarray, valid: np.nda
     mean = None if len(done) < len(out) else {key: float(np.mean([m[key] for m in done]))
                                               for key in ("accuracy", "macro_f1")}
     return {"datasets": out, "mean": mean}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token rows of the LVLM (prompt + answer), exactly as the checkpoint's processor builds them.
+
+class Seqs:
+    """Token rows [generation prompt of (image, instruction_d), answer separator + response, EOS], exactly as the
+    checkpoint's processor tokenizes them (`data.chat`: its chat template, the whole string tokenized).
+
+    Args:
+      fmt: the checkpoint's `chat.ChatFormat`.
+      instructions: one per dataset d.
+      responses: every response a row may hold (fixes the answer length A and so the sequence length L).
+    """
+
+    def __init__(self, fmt: chat.ChatFormat, instructions: Sequence[str], responses: Sequence[str]):
+        self.fmt, self.instructions = fmt, list(instructions)
+        self.prompts = [fmt.prompt(ins, image=True) for ins in instructions]
+        self.pad = fmt.pad_id
+        self._answers: dict[tuple[int, str], list[int]] = {}
+        self.answer_length = max(len(self.answer(d, r)) for d in range(len(instructions)) for r in set(responses))
+        self.prompt_length = max(len(p) for p in self.prompts)
+        self.length = self.prompt_length + self.answer_length
+
+    def answer(self, d: int, text: str) -> list[int]:
+        """Token ids of the response `text` (+ EOS) after dataset d's prompt (memoised: few distinct answers)."""
+        if (d, text) not in self._answers:
+            self._answers[d, text] = self.fmt.answer_ids(self.instructions[d], True, text)
+        return self._answers[d, text]
+
+    def rows(self, datasets, responses) -> dict[str, np.ndarray]:
+        """Teacher-forcing rows, right-padded: {'input_ids', 'attention_mask', 'answer_mask'} i32[B, L]."""
+        b = len(responses)
+        out = {k: np.zeros((b, self.length), np.int32) for k in ("input_ids", "attention_mask", "answer_mask")}
+        out["input_ids"][:] = self.pad
+        for i, (d, r) in enumerate(zip(datasets, responses)):
+            p, a = self.prompts[d], self.answer(int(d), r)
+            if len(p) + len(a) > self.length:
+                raise ValueError(f"response {r!r} is longer than the {self.answer_length} answer tokens planned for")
+            out["input_ids"][i, :len(p) + len(a)] = p + a
+            out["attention_mask"][i, :len(p) + len(a)] = 1
+            out["answer_mask"][i, len(p):len(p) + len(a)] = 1
+        return out
+
+    def prompt_rows(self, datasets) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation prompts left-padded to the longest dataset prompt: (ids, mask) i32[B, P]."""
+        ids = np.full((len(datasets), self.prompt_length), self.pad, np.int32)
+        mask = np.zeros_like(ids)
+        for i, d in enumerate(datasets):
+            p = self.prompts[d]
+            ids[i, self.prompt_length - len(p):] = p
+            mask[i, self.prompt_length - len(p):] = 1
+        return ids, mask
+
+    def answer_table(self, responses: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Label responses of each dataset d, right-padded: (ids, mask) i32[D, K, A], K = the most classes; the
+        rows past a dataset's own classes have mask 0 (score them -inf)."""
+        k = max(len(r) for r in responses)
+        a = max(len(self.answer(d, x)) for d, r in enumerate(responses) for x in r)
+        ids = np.full((len(responses), k, a), self.pad, np.int32)
+        mask = np.zeros_like(ids)
+        for d, rs in enumerate(responses):
+            for j, r in enumerate(rs):
+                t = self.answer(d, r)
+                ids[d, j, :len(t)] = t
+                mask[d, j, :len(t)] = 1
+        return ids, mask

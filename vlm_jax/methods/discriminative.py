@@ -31,7 +31,6 @@ other shard's (the "gather negatives from all GPUs" of CLIP-style training, with
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -251,24 +250,6 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
     return loss, metrics
 
 
-@contextlib.contextmanager
-def lora_context(lora: PyTree | None, impl: str, *, alpha: float, rank: int):
-    """Yields base params -> the weights to apply the model with, LoRA included one way or the other.
-
-    'merged': the weights are W + s A B. 'unmerged': the weights are the base as it is and, inside the block,
-    `peft.lora_interceptor` adds s (x A) B to each adapted Dense call (paths from the model's root).
-    """
-    if not lora:
-        yield lambda base: base
-    elif impl == "merged":
-        yield lambda base: peft.lora_merge(base, lora, alpha=alpha, rank=rank)
-    elif impl == "unmerged":
-        with peft.lora_interceptor(lora, alpha=alpha, rank=rank):
-            yield lambda base: base
-    else:
-        raise ValueError(f"lora_impl must be 'merged' or 'unmerged', got {impl!r}")
-
-
 def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
     """fn(xs) for a function of independent rows, computed over k microbatches one at a time.
 
@@ -332,7 +313,7 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
 
     def loss_fn(params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array):
         del rng
-        with lora_context(params.get("lora"), lora_impl, alpha=lora_alpha, rank=lora_rank) as weights_of:
+        with peft.lora_context(params.get("lora"), lora_impl, alpha=lora_alpha, rank=lora_rank) as weights_of:
             return _loss(weights_of(params["base"]), params, batch)
 
     def _loss(weights, params, batch):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlm_jax.data import features as feats
 from vlm_jax.models import clip
 
 Dtype = jnp.dtype
@@ -210,3 +211,20 @@ def predict_and_features(model: TSMClassifier, params, pixel_values, class_mask,
 def exemplar_features(model: TSMClassifier, params, pixel_values) -> jax.Array:
     """-> f32[B, D]: the pooled class-token feature VITask feeds to its `ExemplarConnector`."""
     return model.apply({"params": params}, pixel_values)[1]
+
+
+def tsm_pass(tsm_model, params, task, split, pixels_of,
+             batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(bool[N, C] predictions, f32[N, D] exemplar features) of `split` in one pass of the TSM's tower.
+
+    Args:
+      pixels_of: i32[b] rows of `split` -> f32[b, H, W, 3] (the CLIP tower's preprocessing).
+    """
+    preds, features = [], []
+    for idx, n in feats.padded_chunks(range(len(split)), batch):
+        ds = split.dataset[idx]
+        p, f = predict_and_features(tsm_model, params, pixels_of(idx), task.class_mask(ds),
+                                            task.multi_label[ds])
+        preds.append(np.asarray(p)[:n])
+        features.append(np.asarray(f, np.float32)[:n])
+    return np.concatenate(preds), np.concatenate(features)

@@ -26,11 +26,14 @@ front and right padding stays at the end; positions from `cumsum(mask) - 1` stay
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vlm_jax.methods import discriminative as disc
+from vlm_jax.models import peft
 
 Dtype = jnp.dtype
 STAGES = (1, 2)
@@ -220,3 +223,137 @@ def total_loss(stage: int, l_van: jax.Array, l_ep: jax.Array, rda: jax.Array, cr
             raise ValueError("stage 2 needs the CRT loss")
         loss = loss + beta * crt
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LVLM passes and losses.
+
+def make_forward(model, connector: "ExemplarConnector", image_token_id: int):
+    def forward(weights, ids, mask, pixels, conn=None, feature=None):
+        """Plain pass (conn None): f32[B, L, V]; exemplar pass: (f32[B, L + 1, V], position i32[B])."""
+        embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
+        pos = None
+        if conn is not None:
+            pos = exemplar_position(ids, image_token_id)
+            ex = connector.apply({"params": conn}, feature)
+            embeds, mask = insert_exemplar(embeds, mask, ex, pos)
+        hidden, _ = model.apply({"params": weights}, None, mask, inputs_embeds=embeds, method="hidden_states")
+        logits = model.apply({"params": weights}, hidden, method="logits")
+        return logits if conn is None else (logits, pos)
+    return forward
+
+
+def make_loss_fn(forward, *, stage: int | None, pad_id: int, lora_alpha: float, lora_rank: int, alpha: float,
+                 beta: float, rda_direction: str, lora_impl: str = "unmerged"):
+    """stage None: the vanilla baseline (L_van only); 1 / 2: VITask's stages (`total_loss`).
+
+    lora_impl: 'unmerged' (the adapters beside the frozen layers, no full weight gradients) or 'merged'; see
+    `peft.lora_context`.
+    """
+
+    def loss_fn(params, batch, rng):
+        del rng
+        with peft.lora_context(params["lora"], lora_impl, alpha=lora_alpha, rank=lora_rank) as weights_of:
+            return _loss(weights_of(params["base"]), params, batch)
+
+    def _loss(weights, params, batch):
+        ids, mask, amask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
+        plain = forward(weights, ids, mask, batch["pixel_values"])
+        l_van = answer_nll(plain, ids, amask)
+        if stage is None:
+            return l_van, {"loss": l_van, "l_van": l_van}
+        ep, pos = forward(weights, ids, mask, batch["pixel_values"], params["connector"], batch["feature"])
+        l_ep = answer_nll(ep, insert_token(ids, pad_id, pos), insert_token(amask, 0, pos))
+        rda = rda_loss(plain, drop_exemplar_logits(ep, pos), amask, direction=rda_direction)
+        crt = None
+        m = {"l_van": l_van, "l_ep": l_ep, "rda": rda}
+        if stage == 2:
+            neg = forward(weights, ids, mask, batch["neg_pixel_values"])
+            crt = crt_loss(plain, neg, ids, amask)
+            m["crt"] = crt
+        loss = total_loss(stage, l_van, l_ep, rda, crt, alpha=alpha, beta=beta)
+        return loss, {"loss": loss, **m}
+
+    return loss_fn
+
+
+def make_scorer(forward, *, lora_alpha: float, lora_rank: int):
+    """The uncached reference of `make_ranker`: one full pass (vision tower included) per (image, answer) row."""
+
+    @functools.partial(jax.jit, static_argnames="use_ep")
+    def score(base, lora, conn, ids, mask, amask, pixels, feature, use_ep: bool):
+        """f32[N]: sum over answer tokens of log p(token | image, instruction [, exemplar]); rows as `Seqs.rows`."""
+        weights = peft.lora_merge(base, lora, alpha=lora_alpha, rank=lora_rank)
+        if use_ep:
+            ep, pos = forward(weights, ids, mask, pixels, conn, feature)
+            logits = drop_exemplar_logits(ep, pos)
+        else:
+            logits = forward(weights, ids, mask, pixels)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        return jnp.where(amask[:, 1:] > 0, tok, 0.0).sum(axis=1)
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label scoring (the likelihood evaluation and its uncached reference).
+
+def prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature, use_ep):
+    """Embedded (left-padded) prompts with the images spliced in [and the exemplar after them]."""
+    embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
+    if use_ep:
+        ex = connector.apply({"params": conn}, feature)
+        embeds, mask = insert_exemplar(embeds, mask, ex, exemplar_position(ids, image_token_id))
+    return embeds, mask
+
+
+def repeat_cache(cache, k: int, scan_layers: bool = False):
+    """Each row of a `KVCache` repeated k times (row b -> rows b*k .. b*k + k - 1)."""
+    kv_axis = 1 if scan_layers else 0  # scanned layers stack k / v on a leading layer axis
+    rep = lambda x: jnp.repeat(x, k, axis=kv_axis)
+    return cache.replace(k=jax.tree.map(rep, cache.k), v=jax.tree.map(rep, cache.v),
+                         mask=jnp.repeat(cache.mask, k, axis=0))
+
+
+def make_ranker(model, connector, image_token_id: int):
+    """Label-likelihood scores with the prompt computed once per image.
+
+    The prompt (image tokens from the vision tower, instruction [, exemplar]) is prefilled into a KV cache for B
+    rows; the cache is repeated for the K label responses of each row and only the K answer continuations run
+    through the LM. Equal (to float rounding) to `make_scorer` on the full sequences, at B prompt passes instead of
+    B * K full passes.
+    """
+
+    @functools.partial(jax.jit, static_argnames="use_ep")
+    def rank(weights, conn, ids, mask, pixels, feature, ans_ids, ans_mask, use_ep: bool):
+        """Scores f32[B, K] = sum over answer tokens of log p(token | image, instruction [, exemplar]).
+
+        Args:
+          weights: the model's params (a `peft.LoraModel`'s {'base', 'lora'}); conn: connector params (with use_ep).
+          ids, mask: i32[B, P] left-padded prompts (`Seqs.prompt_rows`); pixels f32[B, H, W, 3]; feature f32[B, Dt].
+          ans_ids, ans_mask: i32[B, K, A] each row's K right-padded answers ' <label>.' + EOS (mask 0 rows score
+            whatever; the caller masks them).
+        """
+        embeds, mask = prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature,
+                                      use_ep)
+        b, p = mask.shape
+        k, a = ans_ids.shape[1:]
+        v = {"params": weights}
+        cache = model.init_cache(b, p + a)
+        hidden, cache = model.apply(v, None, mask, inputs_embeds=embeds, cache=cache, method="hidden_states")
+        # The last prompt position predicts every answer's first token.
+        first = jax.nn.log_softmax(model.apply(v, hidden[:, -1], method="logits").astype(jnp.float32), axis=-1)
+        s0 = jnp.take_along_axis(first, ans_ids[:, :, 0], axis=1)
+        flat_ids, flat_mask = ans_ids.reshape(b * k, a), ans_mask.reshape(b * k, a)
+        hidden, _ = model.apply(v, flat_ids, flat_mask, cache=repeat_cache(cache, k, model.scan_layers),
+                                method="hidden_states")
+        logp = jax.nn.log_softmax(model.apply(v, hidden[:, :-1], method="logits").astype(jnp.float32), axis=-1)
+        tok = jnp.take_along_axis(logp, flat_ids[:, 1:, None], axis=-1)[..., 0]
+        rest = jnp.where(flat_mask[:, 1:] > 0, tok, 0.0).sum(axis=1)
+        return s0 + rest.reshape(b, k)
+
+    return rank
+
+
+def make_embedder(model, connector, image_token_id: int):
+    return jax.jit(functools.partial(prompt_embeds, model, connector, image_token_id), static_argnames="use_ep")

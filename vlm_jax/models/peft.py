@@ -409,3 +409,21 @@ def replace_span(inputs_embeds: jax.Array, start: jax.Array, prompt: jax.Array) 
     # A select, not an add of (prompt - original): the untrained prompt reproduces the inputs
     # bit for bit, and no gradient leaks into the replaced embeddings.
     return jnp.where(inside[..., None], values.astype(inputs_embeds.dtype), inputs_embeds)
+
+
+@contextlib.contextmanager
+def lora_context(lora: PyTree | None, impl: str, *, alpha: float, rank: int):
+    """Yields base params -> the weights to apply the model with, LoRA included one way or the other.
+
+    'merged': the weights are W + s A B. 'unmerged': the weights are the base as it is and, inside the block,
+    `lora_interceptor` adds s (x A) B to each adapted Dense call (paths from the model's root).
+    """
+    if not lora:
+        yield lambda base: base
+    elif impl == "merged":
+        yield lambda base: lora_merge(base, lora, alpha=alpha, rank=rank)
+    elif impl == "unmerged":
+        with lora_interceptor(lora, alpha=alpha, rank=rank):
+            yield lambda base: base
+    else:
+        raise ValueError(f"lora_impl must be 'merged' or 'unmerged', got {impl!r}")

@@ -23,49 +23,21 @@ from absl import logging
 
 from vlm_jax import config_utils, errors
 from vlm_jax.convert import clip as clip_convert
-from vlm_jax.convert import loader
 from vlm_jax.data import datasets_meta as meta
 from vlm_jax.data import features as feats
 from vlm_jax.data import fewshot, preprocess, tokenize
 from vlm_jax.eval import report
-from vlm_jax.programs import fewshot_methods, fewshot_realistic
+from vlm_jax.programs import fewshot_methods, fewshot_realistic, runner
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.runtime import workdir as workdir_lib
 from vlm_jax.runtime.metrics import MetricWriter
 
-BUILTIN_CHECKPOINT = "builtin:tiny-clip"
 # config.protocol -> the protocols it runs (see configs/dualadapter.py and `fewshot_realistic`).
 PROTOCOLS = {"paper": ("paper",), "realistic": ("realistic",), "both": ("paper", "realistic")}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs.
-
-def resolve_checkpoint(spec: str, cache_root: str, config_file: str = "configs/dualadapter.py") -> str:
-    """A checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or the built-in tiny CLIP.
-
-    A missing checkpoint is one UserError line that points at `config_file`'s offline `:runlocal` default.
-    """
-    if spec == BUILTIN_CHECKPOINT:
-        # A random toy CLIP, written as a full HF checkpoint (weights, tokenizer, preprocessor) so the offline
-        # run goes through exactly the loading path that real checkpoints take. The words of the built-in
-        # dataset's prompts become single tokens, so no prompt is cut at the 77-token context.
-        path = os.path.join(cache_root, "tiny-clip-v2")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            from vlm_jax.data import builtin
-            ds = builtin.builtin_dataset()
-            words = [*ds.classnames, *ds.templates, *ds.negative_templates,
-                     *(p for ps in ds.cupl_prompts or [] for p in ps)]
-            clip_convert.write_random_checkpoint(
-                path, seed=0, projection_dim=64, words=words,
-                vision=dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256),
-                text=dict(hidden_size=64, intermediate_size=256, max_position_embeddings=77))
-        return path
-    try:
-        return str(loader.resolve_checkpoint(spec))
-    except ValueError as e:
-        raise errors.UserError(f"{e} (or try the offline default: --config={config_file}:runlocal)") from None
-
 
 def load_data(dc: ml_collections.ConfigDict) -> fewshot.FewShotDataset:
     """The dataset of `dc.name`, which must be the dataset whose presets the config chose (`dc.preset`)."""
@@ -252,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cache_dir = config.feature_cache_dir or os.path.join(workdir, "features")
 
     # Everything a user can get wrong is checked before the workdir gets a result.
-    ckpt = resolve_checkpoint(config.model.checkpoint, os.path.join(os.path.dirname(cache_dir), "models"))
+    ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/dualadapter.py")
     ds = load_data(dc)
     samples = {(s, r): training_subsets(config, ds.train, s, r) for s, r in runs}
     check_choices(config)
@@ -341,11 +313,7 @@ def write_results(config, methods, ds, ckpt, results, tests, val, workdir) -> di
            "summary_realistic": summary_realistic}
     if len(results) > 1:
         report.plot(summary, os.path.join(workdir, "accuracy_vs_shots.png"), title, realistic=summary_realistic)
-    report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
-    report.write_json(os.path.join(workdir, "results.json"), out)
-    if mesh_lib.is_primary():
-        print("\n" + md, flush=True)
-    return out
+    return runner.write_results(workdir, md, out)
 
 
 def result_notes(config, methods, ds, realistic: bool) -> tuple[dict[str, str], list[str]]:

@@ -25,10 +25,11 @@ from vlm_jax.convert import loader
 from vlm_jax.data import captions as captions_lib
 from vlm_jax.data import features as feats
 from vlm_jax.data import chat, pairs, preprocess, tokenize
-from vlm_jax.eval import report, retrieval
+from vlm_jax.eval import retrieval
 from vlm_jax.eval import suite as eval_suite
 from vlm_jax.methods import discriminative as disc
 from vlm_jax.models import peft
+from vlm_jax.programs import runner
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 from vlm_jax.runtime import workdir as workdir_lib
@@ -250,7 +251,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "train.epochs": 1, "train.batch_size": 1, "train.optim.lr": 0, "data.batch_size": 1, "data.text_len": 2,
         "data.long_len": 0, "data.train_limit": 0, "method.lora_rank": 1, "method.temperature": 1e-6,
         "method.short_max_tokens": 1, "method.microbatches": 1, "method.ntp_weight": 0})
-    cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
     train_pairs, extra_texts = load_pairs(dc)
     limit = int(dc.get("train_limit", 0))
     if limit < 0:
@@ -260,13 +260,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train_pairs = [train_pairs[i] for i in keep]
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
     texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
-    ckpt = llava_convert.resolve_checkpoint(config.model.checkpoint, os.path.join(cache_root, "models"), texts,
-                                          "configs/discriminative.py")
+    ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/discriminative.py", texts)
     clip_ckpt = None
     if config.clip_checkpoint:
-        from vlm_jax.programs import fewshot_clip
-        clip_ckpt = fewshot_clip.resolve_checkpoint(config.clip_checkpoint, os.path.join(cache_root, "models"),
-                                                    "configs/discriminative.py")
+        clip_ckpt = runner.resolve_checkpoint(config.clip_checkpoint, "configs/discriminative.py")
 
     # Everything the config and the checkpoint must agree on, before the workdir gets anything.
     cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
@@ -278,7 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokens = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=long_len))
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
-    bs = max(div, min(tc.batch_size, n) // div * div)
+    bs = runner.batch_size(tc.batch_size, n, mesh)
     k = mc.get("microbatches", 1)
     if k < 1 or bs % (k * div):
         raise errors.UserError(f"method.microbatches={k} needs a training batch ({bs}) divisible by {k} x the "
@@ -289,9 +286,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Streamed, one tensor at a time, each placed by its logical axis names: replicated on the default
     # data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1
     # --config.mesh.data=1`), so that no device ever holds the whole LVLM. The trainer keeps this layout.
-    model, base = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(config.model.dtype),
-                                                param_dtype=jnp.dtype(config.model.get("param_dtype") or
-                                                                      config.model.dtype), mesh=mesh)
+    model, base = runner.load_lvlm(ckpt, config.model, mesh)
     logging.info("LLaVA %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
                  ckpt, n, cfg.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
 
@@ -315,12 +310,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     loss_fn = disc.make_loss_fn(model, lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank, temperature=mc.temperature,
                                 ntp_weight=mc.ntp_weight, microbatches=k)
 
-    def epoch_batches(epoch):
-        order = np.random.default_rng([config.rng_seed, epoch]).permutation(n)
-        for i in range(steps_per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
-            images = feats.load_all(lambda j: _load(train_pairs[j][0], pp), idx)
-            yield pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
+    def make_batch(idx, epoch, i):
+        images = feats.load_all(lambda j: _load(train_pairs[j][0], pp), idx)
+        return pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
+    epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch)
 
     writer = MetricWriter(workdir)
     fit = trainer.fit(loss_fn=loss_fn, params=params, param_groups=[tuple(g) for g in tc.param_groups],
@@ -338,8 +331,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     metrics = {k: h for k, h in TABLE_COLUMNS.items() if k in present}
     md = retrieval.format_table(rows, metrics, title=f"zero-shot evaluation (%), {os.path.basename(ckpt)}")
     out = {"checkpoint": ckpt, "train_pairs": n, "long_len": long_len, "history": fit.history, "results": rows}
-    report.write_atomic(os.path.join(workdir, "results.md"), lambda f: f.write(md))
-    report.write_json(os.path.join(workdir, "results.json"), out)
-    if mesh_lib.is_primary():
-        print("\n" + md, flush=True)
-    return out
+    return runner.write_results(workdir, md, out)

@@ -253,6 +253,73 @@ def random_params(model, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Offline checkpoint specs of configs ('replica:<name>', 'builtin:tiny-clip').
+
+REPLICA_PREFIX = "replica:"
+TINY_CLIP = "builtin:tiny-clip"
+
+
+def is_offline_spec(spec: str) -> bool:
+    """Whether `spec` names an offline checkpoint that this module writes (rather than a directory / hub id)."""
+    return spec.startswith(REPLICA_PREFIX) or spec.startswith("builtin:")
+
+
+def texts_key(texts: Sequence[str]) -> str:
+    """A short stable key of a replica's tokenizer corpus (for cache folder names)."""
+    import hashlib
+
+    # The salt changes whenever the replicas' structure or weights do, so a stale cached one is never reused.
+    return hashlib.sha256("\x00".join(["replica-v1", *texts]).encode()).hexdigest()[:12]
+
+
+def resolve_offline(spec: str, models_dir: str, texts: Sequence[str] = ()) -> str:
+    """The directory of an offline checkpoint spec, written on first use (atomically) under `models_dir`.
+
+    'replica:<name>': a replica of `REPLICAS`, its tokenizer trained on `texts` (the run's prompts and captions),
+    so its folder is keyed by them: a run with other texts never picks up a tokenizer that splits them differently.
+    'builtin:tiny-clip': a random toy CLIP whose vocabulary holds the built-in dataset's prompt words.
+
+    Raises:
+      UserError: an unknown name (one line listing the known ones).
+    """
+    from vlm_jax.errors import UserError
+
+    if spec == TINY_CLIP:
+        return str(_tiny_clip(pathlib.Path(models_dir) / "tiny-clip-v2"))
+    if spec == "builtin:tiny-llava":
+        raise UserError("model.checkpoint='builtin:tiny-llava' was replaced by the offline replicas of the real "
+                        "checkpoints: use 'replica:llava-1.5' or 'replica:llava-interleave-qwen'")
+    name = spec[len(REPLICA_PREFIX):] if spec.startswith(REPLICA_PREFIX) else None
+    if name not in REPLICAS:
+        raise UserError(f"unknown offline checkpoint {spec!r}; known: "
+                        f"{', '.join([TINY_CLIP] + [REPLICA_PREFIX + n for n in REPLICAS])}")
+    path = pathlib.Path(models_dir) / f"replica-{name}-{texts_key(texts)}"
+    if not (path / "config.json").exists():
+        try:
+            write_replica(name, path, texts)
+        except FileExistsError:  # another run wrote it first (the write is atomic): use theirs
+            pass
+    return str(path)
+
+
+def _tiny_clip(path: pathlib.Path) -> pathlib.Path:
+    # A random toy CLIP, written as a full HF checkpoint (weights, tokenizer, preprocessor) so the offline run goes
+    # through exactly the loading path that real checkpoints take. The words of the built-in dataset's prompts
+    # become single tokens, so no prompt is cut at the 77-token context.
+    if not (path / "config.json").exists():
+        from vlm_jax.convert import clip as clip_convert
+        from vlm_jax.data import builtin
+
+        ds = builtin.builtin_dataset()
+        words = [*ds.classnames, *ds.templates, *ds.negative_templates, *(p for ps in ds.cupl_prompts or [] for p in ps)]
+        clip_convert.write_random_checkpoint(
+            path, seed=0, projection_dim=64, words=words,
+            vision=dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256),
+            text=dict(hidden_size=64, intermediate_size=256, max_position_embeddings=77))
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=sorted(REPLICAS))

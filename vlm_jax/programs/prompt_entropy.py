@@ -3,10 +3,10 @@ the LVLM's next-token distribution right after the prompt (the generation prompt
 hidden state is the image embedding), averaged over a set of images; the prompt with the HIGHEST mean entropy is
 chosen (the paper finds it gives the better embeddings).
 
-  python -m vlm_jax.eval.prompt_entropy --checkpoint=llava-hf/llava-1.5-7b-hf \
+  python -m vlm_jax.programs.prompt_entropy --checkpoint=llava-hf/llava-1.5-7b-hf \
       --prompts='Summary above image in one word:|Describe the image:|In one word, the image shows' \
       --images=/data/coco/val2014 --num_images=100
-  python -m vlm_jax.eval.prompt_entropy --checkpoint=replica:llava-1.5 --prompts='a|b' --images=builtin  # offline
+  python -m vlm_jax.programs.prompt_entropy --checkpoint=replica:llava-1.5 --prompts='a|b' --images=builtin  # offline
 
 Rows are built as the training and evaluation rows are (`data.chat`: the checkpoint's chat template, the whole
 prompt tokenized, the image placeholder expanded; pixels by the checkpoint's image processor settings).
@@ -29,6 +29,7 @@ import numpy as np
 from vlm_jax import errors
 from vlm_jax.data import chat, preprocess, tokenize
 from vlm_jax.data import features as feats
+from vlm_jax.programs import runner
 from vlm_jax.methods import discriminative as disc
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -109,7 +110,7 @@ def parse_prompts(text: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m vlm_jax.eval.prompt_entropy", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vlm_jax.programs.prompt_entropy", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="LLaVA checkpoint dir, hub id, or replica:<name>")
     ap.add_argument("--prompts", required=True, help="candidate image prompts separated by '|'")
     ap.add_argument("--images", default="builtin", help="'builtin' or a folder of images")
@@ -126,9 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.num_images < 0 or args.batch_size < 1:
         raise errors.UserError("--num_images must be >= 0 and --batch_size >= 1")
     items = load_images(args.images, args.num_images)
-    cache_root = os.path.expanduser(os.environ.get("VLM_JAX_CACHE", "~/.cache/vlm_jax"))
-    ckpt = llava_convert.resolve_checkpoint(args.checkpoint, os.path.join(cache_root, "models"), prompts,
-                                          "configs/discriminative.py")
+    ckpt = runner.resolve_checkpoint(args.checkpoint, None, prompts)
     cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
     tok = tokenize.load_tokenizer(ckpt)
     pp = preprocess.image_settings(ckpt)
