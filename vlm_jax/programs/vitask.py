@@ -44,6 +44,7 @@ the connector is frozen in stage 2).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
@@ -138,10 +139,24 @@ def _flat_metrics(r: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    dc, mc, tc, sc = config.data, config.method, config.train, config.tsm
+@dataclasses.dataclass
+class Inputs:
+    """Everything of a run that is resolved and checked before the workdir gets anything."""
+    task: vitask_tasks.JointTask
+    instructions: list[str]
+    label_responses: list[list[str]]
+    negatives: vitask_tasks.NegativeSampler | None
+    clip_dir: str
+    ckpt: str
+    tok: Any
+    pp: Any            # the LVLM's image processor settings
+    clip_pp: Any       # the TSM tower's
+    seqs: vitask_tasks.Seqs
 
-    # Everything a user can get wrong is checked before the workdir gets anything (or a TSM trains for nothing).
+
+def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
+    """Everything a user can get wrong, checked before the workdir gets anything (or a TSM trains for nothing)."""
+    dc, mc, sc = config.data, config.method, config.tsm
     config_utils.check_ranges(config, {
         "tsm.epochs": 1, "tsm.batch_size": 1, "tsm.optim.lr": 0, "train.batch_size": 1, "train.optim.lr": 0,
         "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.vanilla_epochs": 0, "method.lora_rank": 1,
@@ -151,14 +166,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         "method.rda_direction": vitask.DIRECTIONS,
                                         "tsm.selection": ("val", "last")})
     task = vitask_tasks.load_task(dc, config.rng_seed)
-    train, test = task.train, task.test
     # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
-    negatives = vitask_tasks.NegativeSampler(train, task.names) if mc.stage2_epochs else None
+    negatives = vitask_tasks.NegativeSampler(task.train, task.names) if mc.stage2_epochs else None
     no_val = [d.name for k, d in enumerate(task.datasets) if not np.any(task.val.dataset == k)]
     if sc.selection == "val" and no_val:
         raise errors.UserError(f"{', '.join(no_val)} has no val split (a folder dataset needs <path>/val/<class>/): "
                                "the TSM's best epoch is selected on val; add one or set --config.tsm.selection=last")
-    is_ml = task.multi_label
     multi = [d.name for d in task.datasets if d.multi_label]
     if multi and mc.eval_mode == "likelihood":
         raise errors.UserError(f"{', '.join(multi)} is multi-label: label-likelihood ranking scores one label per "
@@ -174,128 +187,126 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # The LLaVA's prompt format and preprocessing, checked against the config now, not after the TSM has trained.
     cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
     tok = tokenize.load_tokenizer(ckpt)
-    pp = preprocess.image_settings(ckpt)
-    clip_pp = preprocess.image_settings(clip_dir)
     fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, dc.chat_template, tok), cfg.tokens_per_image,
                           cfg.image_token_id, chat.image_token(ckpt))
-    seqs = vitask_tasks.Seqs(fmt, instructions, train.responses + [r for rs in label_responses for r in rs])
+    seqs = vitask_tasks.Seqs(fmt, instructions, task.train.responses + [r for rs in label_responses for r in rs])
+    return Inputs(task, instructions, label_responses, negatives, clip_dir, ckpt, tok,
+                  preprocess.image_settings(ckpt), preprocess.image_settings(clip_dir), seqs)
 
-    workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-    repl = mesh_lib.replicated(mesh)
-    writer = MetricWriter(workdir)
-    rng = jax.random.key(config.rng_seed)
-    rows: dict[str, dict[str, Any]] = {}
-    num_classes = task.num_classes
-    n_train = len(train)
-    for key, c in (("tsm", sc), ("train", tc)):   # fail before any training, not between the stages
-        runner.accum_steps(c, runner.batch_size(c.batch_size, n_train, mesh), mesh, key)
 
-    # ---- 1. TSM: one head over the union of the labels, each sample's softmax (or BCE) on its own dataset's.
-    clip_model, clip_params = clip_convert.from_pretrained(clip_dir, dtype=jnp.float32)
-    tsm_model = tsm_lib.TSMClassifier(clip_model.vision, num_classes)
+def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
+    """The TSM: one head over the union of the labels, each sample's softmax (or BCE) on its own dataset's; its
+    epoch chosen on val (the paper: "select the best model based on validation set performance").
+
+    Returns:
+      (test predictions bool[N, C], train features f32[Ntrain, D], test features f32[N, D], the fit result).
+    """
+    sc, task, train = config.tsm, inp.task, inp.task.train
+    multi = any(d.multi_label for d in task.datasets)
+    clip_model, clip_params = clip_convert.from_pretrained(inp.clip_dir, dtype=jnp.float32)
+    tsm_model = tsm_lib.TSMClassifier(clip_model.vision, task.num_classes)
     tsm_params = tsm_lib.init_from_clip(tsm_model, clip_params, jax.random.fold_in(rng, 1))
     del clip_params
-    bs = runner.batch_size(sc.batch_size, n_train, mesh)
+    n, bs = len(train), runner.batch_size(sc.batch_size, len(train), mesh)
 
-    def tsm_batch(idx):
+    def tsm_batch(idx, epoch, i):
         ds = train.dataset[idx]
-        b = {"pixel_values": _pixels(train.examples, idx, clip_pp),
+        b = {"pixel_values": _pixels(train.examples, idx, inp.clip_pp),
              "labels": (task.offsets[ds] + np.maximum(train.label[idx], 0)).astype(np.int32),
              "class_mask": task.class_mask(ds)}
         if multi:
             b["targets"] = train.targets[idx].astype(np.float32)
-            b["multi_label"] = is_ml[ds]
+            b["multi_label"] = task.multi_label[ds]
         return b
 
-    tsm_batches = runner.epoch_batches(n_train, bs, [config.rng_seed, 1], lambda idx, epoch, i: tsm_batch(idx))
-    # The paper: "select the best model based on validation set performance" (mean val accuracy over datasets).
-    tsm_eval = (make_tsm_eval(tsm_model, tsm_params, task, lambda idx: _pixels(task.val.examples, idx, clip_pp))
+    tsm_eval = (make_tsm_eval(tsm_model, tsm_params, task, lambda idx: _pixels(task.val.examples, idx, inp.clip_pp))
                 if sc.selection == "val" else None)
     fit = trainer.fit(loss_fn=tsm_lib.make_loss_fn(tsm_model), params=tsm_params,
                       param_groups=list(tsm_lib.PARAM_GROUPS), optim=sc.optim.to_dict(), num_epochs=sc.epochs,
-                      steps_per_epoch=n_train // bs, epoch_batches=tsm_batches, mesh=mesh,
-                      rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm", log_every_s=10.0,
-                      checkpoint_every_steps=sc.get("checkpoint_every_steps", 0),
+                      steps_per_epoch=n // bs, epoch_batches=runner.epoch_batches(n, bs, [config.rng_seed, 1], tsm_batch),
+                      mesh=mesh, rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm",
+                      log_every_s=10.0, checkpoint_every_steps=sc.get("checkpoint_every_steps", 0),
                       accum_steps=runner.accum_steps(sc, bs, mesh, "tsm"), eval_fn=tsm_eval, select="accuracy")
-    tsm_params = trainer.merge(jax.device_put(fit.best_params, repl), tsm_params)
+    tsm_params = trainer.merge(jax.device_put(fit.best_params, mesh_lib.replicated(mesh)), tsm_params)
     logging.info("TSM: epoch %d of %d kept (%s)", fit.best_epoch + 1, sc.epochs,
                  "best val mean accuracy" if tsm_eval else "the last")
 
     def pass_of(split):
-        return tsm_lib.tsm_pass(tsm_model, tsm_params, task, split, lambda idx: _pixels(split.examples, idx, clip_pp))
+        return tsm_lib.tsm_pass(tsm_model, tsm_params, task, split,
+                                lambda idx: _pixels(split.examples, idx, inp.clip_pp))
 
     _, train_feats = pass_of(train)
-    tsm_pred, test_feats = pass_of(test)
-    rows["TSM"] = vitask_tasks.split_metrics(task, test, tsm_pred)
-    logging.info("TSM: %s", rows["TSM"])
+    tsm_pred, test_feats = pass_of(task.test)
+    return tsm_pred, train_feats, test_feats, fit
 
-    # ---- 2. LVLM, on batches that mix the datasets, each sample with its own dataset's instruction.
-    # Streamed, each tensor placed by its logical axes: replicated on the default data-parallel mesh, split under
-    # fsdp / tensor; never the whole LLaVA on one device.
-    model, base = runner.load_lvlm(ckpt, config.model, mesh)
-    width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
-    connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
+
+def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, rng, workdir: str, writer):
+    """The vanilla baseline (L_van only, its own LoRA) and VITask's two stages (stage 1: {'lora', 'connector'};
+    stage 2: + CRT, the connector frozen), on batches that mix the datasets, each sample with its own dataset's
+    instruction. Returns ({'vanilla', 'stage1', 'stage2'} -> trained params, the same -> history, steps)."""
+    mc, tc, train, seqs = config.method, config.train, inp.task.train, inp.seqs
+    n, bs = len(train), runner.batch_size(tc.batch_size, len(train), mesh)
+    steps = n // bs
     forward = vitask.make_forward(model, connector, model.cfg.image_token_id)
-    targets = [tuple(t) if isinstance(t, (list, tuple)) else t for t in mc.lora_targets]
-    lora_kw = dict(lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank)
-    logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", ckpt, ", ".join(task.names), n_train,
-                 len(test), seqs.length)
-
-    bs = runner.batch_size(tc.batch_size, n_train, mesh)
-    steps = n_train // bs
 
     def lvlm_batches(seed, with_neg):
         def make(idx, epoch, i):
             b = {**seqs.rows(train.dataset[idx], [train.responses[j] for j in idx]),
-                 "pixel_values": _pixels(train.examples, idx, pp), "feature": train_feats[idx]}
+                 "pixel_values": _pixels(train.examples, idx, inp.pp), "feature": train_feats[idx]}
             if with_neg:
-                neg = negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
-                b["neg_pixel_values"] = _pixels(train.examples, neg, pp)
+                neg = inp.negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
+                b["neg_pixel_values"] = _pixels(train.examples, neg, inp.pp)
             return b
-        return runner.epoch_batches(n_train, bs, [config.rng_seed, seed], make)
+        return runner.epoch_batches(n, bs, [config.rng_seed, seed], make)
 
     def fit_lvlm(name, params, groups, stage, epochs, seed):
         loss_fn = vitask.make_loss_fn(forward, stage=stage, pad_id=seqs.pad, alpha=mc.alpha, beta=mc.beta,
-                               rda_direction=mc.rda_direction, **lora_kw)
+                                      rda_direction=mc.rda_direction, lora_alpha=mc.lora_alpha,
+                                      lora_rank=mc.lora_rank)
         f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=tc.optim.to_dict(),
                         num_epochs=epochs, steps_per_epoch=steps, epoch_batches=lvlm_batches(seed, stage == 2),
                         mesh=mesh, rng=jax.random.fold_in(rng, seed), workdir=workdir, writer=writer, name=name,
                         log_every_s=10.0, checkpoint_every_steps=tc.get("checkpoint_every_steps", 0),
                         accum_steps=runner.accum_steps(tc, bs, mesh, "train"))
-        return trainer.merge(jax.device_put(f.best_params, repl), params), f.history
+        return trainer.merge(jax.device_put(f.best_params, mesh_lib.replicated(mesh)), params), f.history
 
     # Vanilla gets as many steps as VITask's two stages together unless told otherwise (same batches per epoch).
     van_epochs = mc.vanilla_epochs or mc.stage1_epochs + mc.stage2_epochs
-    logging.info("steps: vanilla %d, VITask stage 1 %d + stage 2 %d", van_epochs * steps, mc.stage1_epochs * steps,
-                 mc.stage2_epochs * steps)
+    steps_of = {"vanilla": van_epochs * steps, "stage1": mc.stage1_epochs * steps, "stage2": mc.stage2_epochs * steps}
+    logging.info("steps: vanilla %d, VITask stage 1 %d + stage 2 %d", *steps_of.values())
+    targets = [tuple(t) if isinstance(t, (list, tuple)) else t for t in mc.lora_targets]
     lora0 = peft.lora_init(base, jax.random.fold_in(rng, 3), targets=targets, rank=mc.lora_rank)
     conn0 = nn.meta.unbox(connector.init(jax.random.fold_in(rng, 4),
                                          jnp.zeros((1, train_feats.shape[1]), jnp.float32))["params"])
-    # Vanilla baseline: L_van only, its own LoRA.
-    van, h_van = fit_lvlm("vanilla", {"base": base, "lora": lora0}, [("lora/.*", 1.0)], None, van_epochs, 10)
-    # VITask stage 1: {'lora', 'connector'}; stage 2: + CRT, the connector frozen.
-    p1, h1 = fit_lvlm("vitask_stage1", {"base": base, "lora": lora0, "connector": conn0},
-                      [("lora/.*", 1.0), ("connector/.*", 1.0)], 1, mc.stage1_epochs, 11)
-    sha1 = _sha(p1["connector"])
-    h2 = []
-    p2 = p1
+    params, hist = {}, {}
+    params["vanilla"], hist["vanilla"] = fit_lvlm("vanilla", {"base": base, "lora": lora0}, [("lora/.*", 1.0)],
+                                                  None, van_epochs, 10)
+    params["stage1"], hist["stage1"] = fit_lvlm("vitask_stage1", {"base": base, "lora": lora0, "connector": conn0},
+                                                [("lora/.*", 1.0), ("connector/.*", 1.0)], 1, mc.stage1_epochs, 11)
+    params["stage2"], hist["stage2"] = params["stage1"], []
     if mc.stage2_epochs:
-        p2, h2 = fit_lvlm("vitask_stage2", p1, [("lora/.*", 1.0)], 2, mc.stage2_epochs, 12)
-    sha2 = _sha(p2["connector"])
+        params["stage2"], hist["stage2"] = fit_lvlm("vitask_stage2", params["stage1"], [("lora/.*", 1.0)], 2,
+                                                    mc.stage2_epochs, 12)
+    return params, hist, steps_of
 
-    # ---- 3. Evaluation, each sample against its own dataset's label set.
-    eb = max(1, int(dc.eval_batch_size))
+
+def evaluate(config, inp: Inputs, model, base, connector, trained, test_feats) -> dict[str, dict[str, Any]]:
+    """The rows 'vanilla (L_van)', 'VITask w/o EP', 'VITask w/ EP' on the test split, each sample against its own
+    dataset's label set, by likelihood and/or generation (`method.eval_mode`)."""
+    mc, task, test, seqs = config.method, inp.task, inp.task.test, inp.seqs
+    eb = max(1, int(config.data.eval_batch_size))
     # LoRA applied unmerged, as in training: the evaluated model is the trained one (also with a bf16 base).
     lm = peft.LoraModel(model, alpha=mc.lora_alpha, rank=mc.lora_rank)
+    van, p2 = trained["vanilla"], trained["stage2"]
     variants = [("vanilla (L_van)", van, p2["connector"], False), ("VITask w/o EP", p2, p2["connector"], False),
                 ("VITask w/ EP", p2, p2["connector"], True)]
+    is_ml = task.multi_label
     skip = [k for k in range(len(task.datasets)) if is_ml[k]]
     lik, gen = {}, {}
     rank = vitask.make_ranker(lm, connector, model.cfg.image_token_id)
     embed = vitask.make_embedder(lm, connector, model.cfg.image_token_id)
-    table = seqs.answer_table(label_responses)
-    pixels_of_test = lambda idx: _pixels(test.examples, idx, pp)
+    table = seqs.answer_table(inp.label_responses)
+    pixels_of_test = lambda idx: _pixels(test.examples, idx, inp.pp)  # noqa: E731
     single_rows = [i for i in range(len(test)) if not is_ml[test.dataset[i]]]
     for name, p, conn, ep in variants:
         weights = {"base": base, "lora": p["lora"]}
@@ -305,29 +316,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             lik[name] = vitask_tasks.split_metrics(task, test, pred, valid, skip=skip)
         if mc.eval_mode in ("generate", "both"):
             # Greedy answers matched to the label set; an unmatched answer counts as wrong.
-            pred, valid = lvlm_classify.generate_labels(lm, embed, seqs, tok, task, test, weights, conn, test_feats,
-                                                        pixels_of_test, eb, ep)
+            pred, valid = lvlm_classify.generate_labels(lm, embed, seqs, inp.tok, task, test, weights, conn,
+                                                        test_feats, pixels_of_test, eb, ep)
             gen[name + (" [generated]" if mc.eval_mode == "both" else "")] = vitask_tasks.split_metrics(
                 task, test, pred, valid, unmatched=True)
-        del weights
-    rows.update(lik)
-    rows.update(gen)
+    return {**lik, **gen}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """TSM -> vanilla + VITask stages -> evaluation -> results.md / results.json in `workdir`."""
+    mc, inp = config.method, check_inputs(config)
+    task, train, test = inp.task, inp.task.train, inp.task.test
+    workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
+    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    writer = MetricWriter(workdir)
+    rng = jax.random.key(config.rng_seed)
+    for key, c in (("tsm", config.tsm), ("train", config.train)):   # fail before any training, not between stages
+        runner.accum_steps(c, runner.batch_size(c.batch_size, len(train), mesh), mesh, key)
+
+    tsm_pred, train_feats, test_feats, tsm_fit = train_tsm(config, inp, mesh, rng, workdir, writer)
+    rows = {"TSM": vitask_tasks.split_metrics(task, test, tsm_pred)}
+    logging.info("TSM: %s", rows["TSM"])
+    model, base = runner.load_lvlm(inp.ckpt, config.model, mesh)
+    width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
+    connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
+    logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", inp.ckpt, ", ".join(task.names),
+                 len(train), len(test), inp.seqs.length)
+    trained, hist, steps = train_lvlm(config, inp, model, base, connector, train_feats, mesh, rng, workdir, writer)
+    rows.update(evaluate(config, inp, model, base, connector, trained, test_feats))
     for i, (name, r) in enumerate(rows.items()):
         writer.write(i, _flat_metrics(r), prefix=f"test/{name}/")
     writer.close()
 
     title = (f"VITask on {', '.join(task.names)}: test (%), {len(test)} images, {mc.eval_mode} evaluation, "
-             f"{os.path.basename(ckpt)}")
-    md = format_results(rows, task.names, title)
+             f"{os.path.basename(inp.ckpt)}")
     datasets = [{"name": d.name, "modality": d.modality, "num_classes": len(d.classnames),
                  "multi_label": d.multi_label, "instruction": ins, "train_examples": int(np.sum(train.dataset == k)),
                  "test_examples": int(np.sum(test.dataset == k))}
-                for k, (d, ins) in enumerate(zip(task.datasets, instructions))]
-    out = {"checkpoint": ckpt, "tsm_checkpoint": clip_dir, "datasets": datasets, "num_classes": num_classes,
-           "train_examples": n_train, "test_examples": len(test), "eval_mode": mc.eval_mode,
-           "connector_sha256": {"stage1": sha1, "stage2": sha2},
-           "steps": {"vanilla": van_epochs * steps, "stage1": mc.stage1_epochs * steps,
-                     "stage2": mc.stage2_epochs * steps},
-           "tsm_selection": {"mode": sc.selection, "best_epoch": fit.best_epoch, "val_examples": len(task.val)},
-           "history": {"tsm": fit.history, "vanilla": h_van, "stage1": h1, "stage2": h2}, "results": rows}
-    return runner.write_results(workdir, md, out)
+                for k, (d, ins) in enumerate(zip(task.datasets, inp.instructions))]
+    out = {"checkpoint": inp.ckpt, "tsm_checkpoint": inp.clip_dir, "datasets": datasets,
+           "num_classes": task.num_classes, "train_examples": len(train), "test_examples": len(test),
+           "eval_mode": mc.eval_mode,
+           "connector_sha256": {k: _sha(trained[k]["connector"]) for k in ("stage1", "stage2")}, "steps": steps,
+           "tsm_selection": {"mode": config.tsm.selection, "best_epoch": tsm_fit.best_epoch,
+                             "val_examples": len(task.val)},
+           "history": {"tsm": tsm_fit.history, **hist}, "results": rows}
+    return runner.write_results(workdir, format_results(rows, task.names, title), out)

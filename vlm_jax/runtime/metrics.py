@@ -68,6 +68,10 @@ class Progress:
         self._t0 = self._last = time.monotonic()
         self._start = start
 
+    def due(self, step: int) -> bool:
+        """Whether `update(step)` would log now (so the caller fetches what it shows only then)."""
+        return time.monotonic() - self._last >= self.every_s or step >= self.total
+
     def update(self, step: int, extra: Mapping[str, Any] | None = None, force: bool = False) -> str | None:
         now = time.monotonic()
         if not force and now - self._last < self.every_s and step < self.total:

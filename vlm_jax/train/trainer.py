@@ -347,100 +347,160 @@ def fit(
     shardings = state_shardings(tx, placed_shardings(trainable, mesh), trainable, mesh)
     state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                     out_shardings=shardings)(trainable)
-    best = {"params": None, "metric": -np.inf, "epoch": -1}
-    history: list[dict[str, float]] = []
-    sums: dict[str, float] = {}
-    step = 0
-
-    manager = None
-    if workdir is not None:
-        directory = os.path.abspath(os.path.join(workdir, "checkpoints", name))
-        # cleanup_tmp_directories: a save that a crash or a full disk interrupted leaves a tmp folder behind.
-        manager = ckpt_lib.guarded(lambda: ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)), None, directory)
-        state, best, history, sums = _restore(manager, state, best, eval_fn is not None, steps_per_epoch, name, mesh)
-        step = int(state.step)
-        if step:
-            logging.info("%s: resumed from %s at step %d (epoch %d, batch %d)", name, manager.directory, step,
-                         *divmod(step, steps_per_epoch))
-
-    def save(epoch_sums):
-        if manager is None:
-            return
-        epoch, batch = divmod(step, steps_per_epoch)
-        meta = {"epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch, "sums": epoch_sums,
-                "history": history, "best_metric": float(best["metric"]), "best_epoch": best["epoch"]}
-        ckpt_lib.save(manager, step, state, best["params"], meta, mesh)
-
-    def finish():
-        if manager is not None:   # pending saves are of good states: let them land
-            ckpt_lib.guarded(manager.wait_until_finished, manager, str(manager.directory))
-            manager.close()
-
-    def stop(exc: Exception):
-        finish()
-        raise exc
-
+    run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
+    if run.ckpt is not None:
+        state = run.restore(state, eval_fn is not None)
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
-    progress = Progress(total_steps, what=name, every_s=log_every_s, start=step)
+    progress = Progress(total_steps, what=name, every_s=log_every_s, start=run.step)
     multihost = jax.process_count() > 1
     with (_sigterm_flag(handle_sigterm and workdir is not None and not multihost) as sigterm,
           ckpt_lib.quiet_write_failures(), distributed.training_loop()):
         def preempted() -> bool:
             # Multi-host: orbax's check syncs the hosts (all must call it at the same step) so they stop together.
             if multihost:
-                return manager is not None and manager.reached_preemption(step)
+                return run.ckpt is not None and run.ckpt.manager.reached_preemption(run.step)
             return sigterm.is_set()
 
-        start_epoch, skip = divmod(step, steps_per_epoch)
+        start_epoch, skip = divmod(run.step, steps_per_epoch)
         for epoch in range(start_epoch, num_epochs):
             n = skip
             for b, batch in enumerate(epoch_batches(epoch)):
                 if b < skip:
                     continue   # a mid-epoch resume: these batches are in the restored state already
                 state, metrics = train_step(state, frozen, mesh_lib.shard_batch(batch, mesh))
-                metrics = jax.device_get(metrics)
-                step, n = step + 1, n + 1
-                if not np.isfinite(metrics["loss"]):
-                    stop(TrainingDiverged(_diverged_message(name, "loss", metrics["loss"], step, epoch, manager,
-                                                            state, best, mesh)))
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                progress.update(step, {"loss": metrics["loss"]})
+                run.step, n = run.step + 1, n + 1
+                run.accumulate(metrics)  # on the device: nothing is fetched per step
+                if progress.due(run.step):
+                    run.check(state)
+                    progress.update(run.step, {"loss": jax.device_get(metrics["loss"])})
                 end_of_epoch = n == steps_per_epoch
                 if not end_of_epoch and preempted():   # at an epoch end, the epoch-end save comes first
-                    save(sums)
-                    stop(Preempted(step, manager.directory))
-                if checkpoint_every_steps and step % checkpoint_every_steps == 0 and not end_of_epoch:
-                    save(sums)
+                    run.save(state)
+                    run.stop(Preempted(run.step, run.ckpt.manager.directory))
+                if checkpoint_every_steps and run.step % checkpoint_every_steps == 0 and not end_of_epoch:
+                    run.save(state)
             if n != steps_per_epoch:
                 raise ValueError(f"{name}: epoch {epoch} produced {n} batches, expected steps_per_epoch="
                                  f"{steps_per_epoch}")
             skip = 0
-            row = {"epoch": epoch, **{f"train_{k}": v / n for k, v in sums.items()}}
-            sums = {}
-            if eval_fn is not None:
-                row.update({f"val_{k}": float(v) for k, v in eval_fn(state.params).items()})
-                metric = row[f"val_{select}"]
-                if metric > best["metric"]:   # strict: ties keep the earlier epoch, as the references do
-                    best = {"params": jax.tree.map(jnp.copy, state.params), "metric": metric, "epoch": epoch}
-            bad = {k: v for k, v in row.items() if not np.isfinite(v)}
-            if bad:
-                stop(TrainingDiverged(_diverged_message(name, "epoch metrics", bad, step, epoch, manager, state,
-                                                        best, mesh)))
-            history.append(row)
-            if writer is not None:
-                writer.write(step, {k: v for k, v in row.items() if k != "epoch"}, prefix=f"{name}/")
-            save({})
+            run.end_epoch(state, epoch, n, eval_fn, select, writer)
             if epoch + 1 < num_epochs and preempted():
-                stop(Preempted(step, manager.directory))
-        finish()
-    progress.update(step, force=True)
+                run.stop(Preempted(run.step, run.ckpt.manager.directory))
+        run.finish()
+    progress.update(run.step, force=True)
+    best = run.best
     if eval_fn is None:
         best = {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
-    best_metrics = next((r for r in history if r["epoch"] == int(best["epoch"])), {})
+    best_metrics = next((r for r in run.history if r["epoch"] == int(best["epoch"])), {})
     return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
-                     best_metrics=best_metrics, history=history)
+                     best_metrics=best_metrics, history=run.history)
+
+
+@jax.jit
+def _accumulate(sums, watch, metrics, step):
+    """Device-side running sums of the step metrics, and the first non-finite loss as (step, value) (-1: none)."""
+    sums = {k: sums[k] + jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    bad = ~jnp.isfinite(metrics["loss"]) & (watch[0] < 0)
+    return sums, (jnp.where(bad, step, watch[0]), jnp.where(bad, jnp.asarray(metrics["loss"], jnp.float32),
+                                                              watch[1]))
+
+
+@dataclasses.dataclass
+class _Checkpoints:
+    """The run's orbax manager (async saves; a save becomes visible only once complete)."""
+    manager: ocp.CheckpointManager
+
+    @classmethod
+    def open(cls, workdir: str | None, name: str, max_to_keep: int) -> "_Checkpoints | None":
+        if workdir is None:
+            return None
+        directory = os.path.abspath(os.path.join(workdir, "checkpoints", name))
+        # cleanup_tmp_directories: a save that a crash or a full disk interrupted leaves a tmp folder behind.
+        return cls(ckpt_lib.guarded(lambda: ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)), None, directory))
+
+    def finish(self) -> None:
+        # Pending saves are of good states: let them land.
+        ckpt_lib.guarded(self.manager.wait_until_finished, self.manager, str(self.manager.directory))
+        self.manager.close()
+
+
+class _Run:
+    """The epoch loop's bookkeeping: step, epoch sums (on the device), best epoch, history, checkpoints."""
+
+    def __init__(self, name: str, steps_per_epoch: int, mesh, ckpt: _Checkpoints | None):
+        self.name, self.steps_per_epoch, self.mesh, self.ckpt = name, steps_per_epoch, mesh, ckpt
+        self.step = 0
+        self.best = {"params": None, "metric": -np.inf, "epoch": -1}
+        self.history: list[dict[str, float]] = []
+        self.sums: dict[str, Any] = {}
+        self.watch = (jnp.int32(-1), jnp.float32(0))
+
+    def restore(self, state, with_best: bool):
+        manager = self.ckpt.manager
+        state, self.best, self.history, sums = _restore(manager, state, self.best, with_best, self.steps_per_epoch,
+                                                        self.name, self.mesh)
+        self.sums = {k: jnp.float32(v) for k, v in sums.items()}
+        self.step = int(state.step)
+        if self.step:
+            logging.info("%s: resumed from %s at step %d (epoch %d, batch %d)", self.name, manager.directory,
+                         self.step, *divmod(self.step, self.steps_per_epoch))
+        return state
+
+    def accumulate(self, metrics) -> None:
+        if not self.sums:
+            self.sums = {k: jnp.float32(0) for k in metrics}
+        self.sums, self.watch = _accumulate(self.sums, self.watch, dict(metrics), self.step)
+
+    def check(self, state) -> None:
+        """Raises TrainingDiverged if a step since the last check had a non-finite loss (one device fetch)."""
+        bad_step, value = (x.item() for x in jax.device_get(self.watch))
+        if bad_step >= 0:
+            self.stop(TrainingDiverged(self._diverged("loss", value, bad_step, (bad_step - 1) // self.steps_per_epoch,
+                                                      state)))
+
+    def host_sums(self) -> dict[str, float]:
+        return {k: float(v) for k, v in jax.device_get(self.sums).items()}
+
+    def save(self, state, epoch_sums: dict[str, float] | None = None) -> None:
+        self.check(state)   # nothing of a diverged step is ever saved
+        if self.ckpt is None:
+            return
+        epoch, batch = divmod(self.step, self.steps_per_epoch)
+        meta = {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
+                "sums": self.host_sums() if epoch_sums is None else epoch_sums, "history": self.history,
+                "best_metric": float(self.best["metric"]), "best_epoch": self.best["epoch"]}
+        ckpt_lib.save(self.ckpt.manager, self.step, state, self.best["params"], meta, self.mesh)
+
+    def end_epoch(self, state, epoch: int, n: int, eval_fn, select: str, writer) -> None:
+        """The epoch's row (mean train metrics, val metrics), the best epoch, the epoch-end checkpoint."""
+        self.check(state)
+        row = {"epoch": epoch, **{f"train_{k}": v / n for k, v in self.host_sums().items()}}
+        self.sums = {}
+        if eval_fn is not None:
+            row.update({f"val_{k}": float(v) for k, v in eval_fn(state.params).items()})
+            metric = row[f"val_{select}"]
+            if metric > self.best["metric"]:   # strict: ties keep the earlier epoch, as the references do
+                self.best = {"params": jax.tree.map(jnp.copy, state.params), "metric": metric, "epoch": epoch}
+        bad = {k: v for k, v in row.items() if not np.isfinite(v)}
+        if bad:
+            self.stop(TrainingDiverged(self._diverged("epoch metrics", bad, self.step, epoch, state)))
+        self.history.append(row)
+        if writer is not None:
+            writer.write(self.step, {k: v for k, v in row.items() if k != "epoch"}, prefix=f"{self.name}/")
+        self.save(state, {})
+
+    def finish(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.finish()
+
+    def stop(self, exc: Exception):
+        self.finish()
+        raise exc
+
+    def _diverged(self, what, value, step, epoch, state) -> str:
+        manager = None if self.ckpt is None else self.ckpt.manager
+        return _diverged_message(self.name, what, value, step, epoch, manager, state, self.best, self.mesh)
 
 
 def _master(x):
