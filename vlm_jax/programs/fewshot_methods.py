@@ -98,7 +98,6 @@ def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logit
         select="accuracy", workdir=workdir, writer=writer, name=name)
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # The context the faces run on.
 
