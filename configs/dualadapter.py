@@ -1,5 +1,7 @@
 """DualAdapter (arXiv 2403.12964) and its baselines (zero-shot CLIP, Tip-Adapter, Tip-Adapter-F) on few-shot CLIP.
 
+Also the linear probe (ZS-LP) and CLAP (arXiv 2312.12730), on request: --config.methods=...,linear_probe,clap.
+
 Usage:
   python launch/main.py --config=configs/dualadapter.py:runlocal --workdir=/tmp/da          # offline, ~1 min, CPU
   python launch/main.py --config=configs/dualadapter.py:dataset=eurosat,shots=16 \
@@ -143,6 +145,15 @@ def get_config(arg=None):
                    selection="val",                          # or 'test': the official, optimistic protocol
                    param_groups=[("adapter/.*", 1.0)]),
     )
+
+    # The linear probe from the zero-shot prototypes (ZS-LP) and CLAP, its class-adaptive constrained variant
+    # (arXiv 2312.12730; vlm_jax/methods/fewshot/linear_probe.py), with the official code's settings: trained on
+    # `views` augmented views of the K shots only, nothing chosen on val. Not in the default methods:
+    # --config.methods=zeroshot,linear_probe,clap,... runs them.
+    probe = dict(views=20, epochs=300, batch_size=256, lr=0.1, momentum=0.9, warmup_epochs=1, warmup_lr=1e-5,
+                 prototype_norm=1.0)   # the zero-shot prototypes' norm (see the module: lr / n^2, n^2 lambda)
+    c.linear_probe = dict(probe)
+    c.clap = dict(probe)
 
     if arg.runlocal:
         c.model.checkpoint = "builtin:tiny-clip"

@@ -15,20 +15,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from vlm_jax.methods import fewshot_registry
+
+
 def _is_primary() -> bool:
     # Without jax.distributed this is the only process: asking JAX would start its backend (on a GPU, grabbing
     # its memory) just to write a file.
     return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
-# Display names and order, as the few-shot papers print them.
-METHOD_NAMES = {
-    "zeroshot": "Zero-shot CLIP",
-    "tip_adapter": "Tip-Adapter",
-    "tip_adapter_f": "Tip-Adapter-F",
-    "dualadapter": "DualAdapter (training-free)",
-    "dualadapter_f": "DualAdapter-F",
-}
+# Display names and order of the few-shot CLIP methods, as their faces register them (the papers' order).
+METHOD_NAMES = fewshot_registry.display_names()
 
 
 # Column labels of the two hyperparameter protocols (`configs/dualadapter.py`), keyed by their entry in a run.

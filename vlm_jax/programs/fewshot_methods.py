@@ -1,14 +1,18 @@
-"""The five few-shot CLIP methods of `fewshot_clip`, run under the papers' protocol (hyperparameters on val).
+"""The few-shot CLIP methods of `fewshot_clip`, run under the papers' protocol (hyperparameters on val).
 
-Everything here works on cached features, except fine-tuning, which runs the frozen CLIP inside each train
-step on freshly augmented few-shot images (`finetune`). The protocol choices that move the numbers are config
-keys (see `configs/dualadapter.py`): each method's templates, DualAdapter-F's training subset, Tip-Adapter-F's
-epoch selection (val, or the official code's test), and the per-shot AdamW eps.
+Each method is a registered face (`vlm_jax.methods.fewshot_registry`; the faces live in
+`vlm_jax/methods/fewshot/`): this module builds the `Context` a face runs on — the text classifiers, the cache,
+and the services that need the backbone or the workdir (`finetune`, which runs the frozen CLIP inside each train
+step on freshly augmented few-shot images, and features of augmented views) — and runs the faces of
+config.methods in order, timing, logging and recording each. The protocol choices that move the numbers are
+config keys (see `configs/dualadapter.py`): each method's templates, DualAdapter-F's training subset,
+Tip-Adapter-F's epoch selection (val, or the official code's test), and the per-shot AdamW eps.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
@@ -19,7 +23,9 @@ from absl import logging
 
 from vlm_jax.data import features as feats
 from vlm_jax.eval import classification
-from vlm_jax.methods import dualadapter, tip_adapter
+from vlm_jax.methods import dualadapter
+from vlm_jax.methods import fewshot_registry as registry
+from vlm_jax.methods.fewshot.dualadapter import dualadapter_optim  # noqa: F401  (re-exported: the program's name)
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
@@ -92,64 +98,8 @@ def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logit
         select="accuracy", workdir=workdir, writer=writer, name=name)
 
 
-def dualadapter_optim(tc, shots: int) -> dict[str, Any]:
-    """DualAdapter-F's optimizer settings for `shots`: the yaml's per-shot eps (food101: 1e-2 at 1/2 shots)."""
-    optim = tc.optim.to_dict()
-    optim["eps"] = float(dict(tc.eps_few_shots).get(shots, optim["eps"]))
-    return optim
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Logits. Module-level functions: `classification.search` jits them by identity.
-
-def tip_logits(f, w, keys, values, *, beta, alpha):
-    return tip_adapter.logits(f, w, keys, values, alpha=alpha, beta=beta)
-
-
-def dual_logits(f, w_pos, w_neg, caches, *, beta, alpha, lam):
-    return dualadapter.logits(f, w_pos, w_neg, caches, alpha=alpha, beta=beta, lam=lam)
-
-
-def dual_adapted(residuals, w_template, w_cupl, w_neg, caches):
-    w_pos, _, _, w_n, keys, neg_keys = dualadapter.adapt(residuals, w_template, w_cupl, w_neg, caches)
-    return w_pos, w_n, caches.replace(keys=keys, neg_keys=neg_keys)
-
-
-def grids(search_cfg) -> dict[str, np.ndarray]:
-    return {k: classification.grid(g.start, g.stop, g.steps) for k, g in search_cfg.items()}
-
-
-def tip_finetune_parts(config, w_tip, caches):
-    """(consts, method_loss, eval_logits) of Tip-Adapter-F at the preset's initial alpha, beta."""
-    init = config.tip_adapter.init
-    hp = dict(alpha=init.alpha, beta=init.beta)
-
-    def eval_logits(a, f, text_weights, cache_values):
-        return tip_adapter.logits(f, text_weights, a["cache_keys"], cache_values, **hp)
-
-    consts = {"text_weights": w_tip, "cache_values": caches.values}
-    return consts, functools.partial(tip_adapter.finetune_loss, **hp), eval_logits
-
-
-def dual_finetune_parts(config, w_t, w_u, w_n, caches):
-    """(consts, method_loss, eval_logits) of DualAdapter-F at the preset's initial alpha, beta, lambda."""
-    dc = config.dualadapter
-    hp = dict(alpha=dc.init.alpha, beta=dc.init.beta, lam=dc.init.lam)
-
-    def eval_logits(a, f, w_template, w_cupl, w_neg, caches):
-        return dual_logits(f, *dual_adapted(a, w_template, w_cupl, w_neg, caches), **hp)
-
-    consts = {"w_template": w_t, "w_cupl": w_u, "w_neg": w_n, "caches": caches}
-    return consts, functools.partial(dualadapter.finetune_loss, consistency=dc.consistency, **hp), eval_logits
-
-
-def _search(logits_fn, args, grid, val) -> tuple[Any, dict[str, Any], Any]:
-    """Searches `grid` on val (the reference's loop order); returns (features -> logits, result dict, args)."""
-    t0 = time.time()
-    best, val_acc, table = classification.search(logits_fn, grid, val["features"], val["labels"], args=args)
-    logging.info("search over %d settings: %.1f s", table.size, time.time() - t0)
-    return functools.partial(logits_fn, **best), {"val_accuracy": val_acc, "hparams": best}, args
-
+# The context the faces run on.
 
 def text_weights(config, text) -> dict[str, Any]:
     """The classifiers each method uses: {'zeroshot', 'tip', 'template', 'cupl', 'negative', 'positive'}."""
@@ -160,11 +110,59 @@ def text_weights(config, text) -> dict[str, Any]:
             "positive": np.asarray(dualadapter.positive_classifier(w_t, w_u))}
 
 
-def evaluate(res, logits_fn, args, tests) -> None:
-    """Adds '<name>_accuracy' for every test set to `res`."""
-    for name, (split, subset) in tests.items():
-        logits = logits_fn(jnp.asarray(split["features"]), *args)
-        res[f"{name}_accuracy"] = float(classification.accuracy(logits, split["labels"], class_subset=subset))
+def augmented_views(config, bb, few, *, shots, seed, workdir):
+    """n -> {'features' f32[n * N, D] normalised, 'labels' i32[n * N]}: n augmented views of each shot, view-major.
+
+    Each (view, image) has its own augmentation seed, apart from the cache's and the fine-tuning's; the features
+    are memoised in the feature cache like the others.
+    """
+    dc = config.data
+    cache_dir = config.feature_cache_dir or os.path.join(workdir, "features")
+
+    def views(n: int) -> dict[str, np.ndarray]:
+        def compute():
+            items = [(ex, (seed, 200_000 + v, i)) for v in range(n) for i, ex in enumerate(few)]
+            f = feats.map_batches(bb.encode_image, bb.params, items, bb.augment_transform, batch_size=dc.batch_size,
+                                  mesh=bb.mesh, desc=f"{n} augmented views")
+            return {"features": feats.l2_normalize(f), "labels": np.array([e.label for e, _ in items], np.int32)}
+        key = {"checkpoint": bb.fingerprint, "dataset": dc.name, "root": dc.root, "preprocess": bb.pp,
+               "kind": "views", "shots": shots, "seed": seed, "views": n, "augment": "rrc0.5-flip"}
+        return feats.cached(cache_dir, key, compute)
+    return views
+
+
+def context(config, faces, protocol, bb, ds, few, text, tests, cache, *, shots, seed, workdir, writer, rng,
+            **protocol_data) -> registry.Context:
+    """The `Context` of one (shots, seed) under `protocol`; services only for what `faces` need."""
+    needs = set().union(*(f.needs for f in faces))
+    service = functools.partial(finetune, bb, seed=seed, workdir=workdir, writer=writer, rng=rng)
+    return registry.Context(
+        config=config, protocol=protocol, shots=shots, seed=seed, num_classes=len(ds.classnames),
+        text=text_weights(config, text), few=few, cache=cache, tests=tests,
+        caches=(dualadapter.build_caches(cache["keys"], cache["labels"], len(ds.classnames))
+                if "cache" in needs else None),
+        finetune=service if "training" in needs else None,
+        views=(augmented_views(config, bb, few, shots=shots, seed=seed, workdir=workdir)
+               if "views" in needs else None),
+        **protocol_data)
+
+
+def run_faces(faces, ctx: registry.Context, writer, defaults=None) -> dict[str, dict[str, Any]]:
+    """Runs each face under ctx.protocol; {name: result dict} with 'seconds' added, logged and written."""
+    out = {}
+    realistic = ctx.protocol == "realistic"
+    for face in faces:
+        t0 = time.time()
+        res = dict(defaults or {})
+        res.update(face.run_realistic(ctx) if realistic else face.run_paper(ctx))
+        res["seconds"] = round(time.time() - t0, 2)
+        logging.info("%s %s %s: val %s, test %.2f%% (%.1f s) %s", face.name, ctx.tag, ctx.protocol,
+                     "-" if res.get("val_accuracy") is None else f"{res['val_accuracy']:.2f}%",
+                     res["test_accuracy"], res["seconds"], res.get("hparams", ""))
+        writer.write(ctx.shots, {k: v for k, v in res.items() if k.endswith("_accuracy") and v is not None},
+                     prefix=f"{face.name}/seed{ctx.seed}/" + ("realistic/" if realistic else ""))
+        out[face.name] = res
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,56 +181,7 @@ def run_paper(config, methods, bb, ds, few, train_few, text, val, tests, cache, 
     Returns:
       {method: {'val_accuracy', 'test_accuracy', '<name>_accuracy' for the other test sets, 'hparams', ...}}.
     """
-    out: dict[str, dict[str, Any]] = {}
-    w = text_weights(config, text)
-    caches = dualadapter.build_caches(cache["keys"], cache["labels"], len(ds.classnames))
-    tag = f"{shots}shot-seed{seed}"
-
-    for method in methods:
-        t0 = time.time()
-        fit = None
-        if method == "zeroshot":
-            # CLIP's hand-crafted prompts as the Tip-Adapter code scores zero-shot CLIP (config.templates.zeroshot).
-            logits_fn, res, args = tip_adapter.zero_shot_logits, {}, (w["zeroshot"],)
-            res["val_accuracy"] = float(classification.accuracy(logits_fn(val["features"], *args), val["labels"]))
-        elif method == "tip_adapter":
-            logits_fn, res, args = _search(tip_logits, (w["tip"], caches.keys, caches.values),
-                                           grids(config.tip_adapter.search), val)
-        elif method == "tip_adapter_f":
-            tc = config.tip_adapter.train
-            consts, loss, eval_logits = tip_finetune_parts(config, w["tip"], caches)
-            fit = finetune(bb, few, tc, name=f"tip_adapter_f-{tag}", adapter=tip_adapter.finetune_init(caches),
-                           consts=consts, method_loss=loss, eval_logits=eval_logits,
-                           select_on=tests["test"][0] if tc.selection == "test" else val, seed=seed,
-                           workdir=workdir, writer=writer, rng=rng)
-            keys = fit.best_params["adapter"]["cache_keys"]
-            logits_fn, res, args = _search(tip_logits, (w["tip"], keys, caches.values),
-                                           grids(config.tip_adapter.search), val)
-            res.update(best_epoch=fit.best_epoch, selection=tc.selection)
-        elif method == "dualadapter":
-            logits_fn, res, args = _search(dual_logits, (w["positive"], w["negative"], caches),
-                                           grids(config.dualadapter.search), val)
-        elif method == "dualadapter_f":
-            dc = config.dualadapter
-            consts, loss, eval_logits = dual_finetune_parts(config, w["template"], w["cupl"], w["negative"], caches)
-            fit = finetune(bb, train_few, dc.train, name=f"dualadapter_f-{tag}",
-                           adapter=dualadapter.init_residuals(len(ds.classnames), w["template"].shape[1]),
-                           consts=consts, method_loss=loss, eval_logits=eval_logits, select_on=val, seed=seed,
-                           workdir=workdir, writer=writer, rng=rng, optim=dualadapter_optim(dc.train, shots))
-            adapted = dual_adapted(fit.best_params["adapter"], w["template"], w["cupl"], w["negative"], caches)
-            logits_fn, res, args = _search(dual_logits, adapted, grids(dc.search), val)
-            # With the second draw, cache and training set together hold up to 2K distinct images per class.
-            res.update(best_epoch=fit.best_epoch, train_data=dc.train.data, train_images=len(train_few),
-                       distinct_images=len({id(e) for e in [*few, *train_few]}))
-        else:  # run() validated the names
-            raise AssertionError(method)
-        evaluate(res, logits_fn, args, tests)
-        if method == "tip_adapter_f" and res["selection"] == "test":
-            # The official code reports max(best test epoch's accuracy, accuracy after the val search).
-            res["test_accuracy"] = max(res["test_accuracy"], fit.best_metrics["val_accuracy"])
-        res["seconds"] = round(time.time() - t0, 2)
-        logging.info("%s %s: val %.2f%%, test %.2f%% (%.1f s)", method, tag, res["val_accuracy"],
-                     res["test_accuracy"], res["seconds"])
-        writer.write(shots, {k: v for k, v in res.items() if k.endswith("_accuracy")}, prefix=f"{method}/seed{seed}/")
-        out[method] = res
-    return out
+    faces = registry.check(config, methods)
+    ctx = context(config, faces, "paper", bb, ds, few, text, tests, cache, shots=shots, seed=seed, workdir=workdir,
+                  writer=writer, rng=rng, train_few=train_few, val=val)
+    return run_faces(faces, ctx, writer)
