@@ -1,8 +1,8 @@
 """InternVL's processor in numpy / PIL: dynamic tiling + thumbnail, and the `<img>...</img>` prompt layout.
 
 Bit-equal to transformers' `InternVLProcessor` with the PIL backend of `GotOcr2ImageProcessor`
-(`GotOcr2ImageProcessorPil`; the hub configs name `GotOcr2ImageProcessorFast`, whose torchvision backend resizes
-with torch's antialiased bicubic instead and differs by a grey level here and there):
+(`GotOcr2ImageProcessorPil`, what transformers loads for the hub configs' `GotOcr2ImageProcessorFast` when
+torchvision is absent; its torchvision backend resizes with torch's bicubic instead, which is not bit-equal):
 
   tiling (`crop_to_patches`, which InternVLProcessor turns on for every call): among the grids (cols, rows) with
     min_patches <= cols * rows <= max_patches, sorted by tile count, pick the aspect ratio closest to the image's
