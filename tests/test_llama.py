@@ -286,14 +286,14 @@ def test_errors_name_the_problem(hf_lm, tmp_path):
     loader.write_checkpoint(tmp_path / "no_head", untied, config)
     with pytest.raises(CheckpointError, match=r"missing tensors: \['lm_head.weight'\]"):
         convert.from_pretrained(tmp_path / "no_head")
-    rope = {**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    rope = {**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
                                          "original_max_position_embeddings": 32}}
-    loader.write_checkpoint(tmp_path / "llama3", tensors, rope)
-    with pytest.raises(CheckpointError, match="unsupported rope type 'llama3'"):
-        convert.from_pretrained(tmp_path / "llama3")
-    with pytest.raises(ValueError, match="unsupported rope type 'dynamic'"):
-        CausalLM.from_hf_config(transformers.LlamaConfig(**TINY, rope_scaling=dict(type="dynamic", factor=2.0)))
+    loader.write_checkpoint(tmp_path / "yarn", tensors, rope)
+    with pytest.raises(CheckpointError, match="unsupported rope type 'yarn'"):
+        convert.from_pretrained(tmp_path / "yarn")
+    with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
+        CausalLM.from_hf_config(transformers.LlamaConfig(**TINY, rope_scaling=dict(
+            type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=32)))
     with pytest.raises(ValueError, match="sliding-window"):
         CausalLM.from_hf_config(transformers.Qwen2Config(**TINY, use_sliding_window=True, max_window_layers=1))
     # Legacy config.json spelling: rope_theta at the top level, no rope_parameters.

@@ -197,9 +197,7 @@ def from_pretrained(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attenti
 def hf_config(model_or_cfg):
     """A `transformers.LlamaConfig` / `Qwen2Config` equivalent to the module's hyper-parameters."""
     c = model_or_cfg.cfg if isinstance(model_or_cfg, CausalLM) else model_or_cfg
-    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
-    if c.rope_type == "linear":
-        rope["factor"] = c.rope_factor
+    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
     kw = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
               num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
               hidden_act=c.hidden_act, rms_norm_eps=c.rms_norm_eps, rope_parameters=rope,

@@ -8,7 +8,8 @@ modeling_llama.py / modeling_qwen2.py in float32 to ~1e-5:
 
   * RMSNorm computed in float32 (as HF), then cast back and multiplied by the scale.
   * Rotary embeddings with HF's rotate_half convention (the two halves of each head, not
-    interleaved pairs), inv_freq = 1 / theta^(2i/Dh); rope types 'default' and 'linear'.
+    interleaved pairs), inv_freq = 1 / theta^(2i/Dh); rope scaling types 'linear', 'dynamic'
+    (NTK) and 'llama3' as HF computes them (`vlm_jax.models.rope`).
   * Grouped-query attention: K/V have num_kv_heads heads; query head n reads kv head n // G,
     which is both HF's repeat_kv order and jax.nn.dot_product_attention's own GQA grouping.
   * SwiGLU MLP: down(silu(gate(x)) * up(x)).
@@ -46,10 +47,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models import rope as rope_lib
+
 Dtype = Any
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu}
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = rope_lib.SUPPORTED_ROPE_TYPES
 REMAT_POLICIES = {
     "none": None,
     # Recompute the whole layer in the backward pass: least memory.
@@ -76,8 +79,8 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_type: str = "default"
-    rope_factor: float = 1.0  # 'linear' rope: positions are divided by it
-    max_position_embeddings: int = 4096  # only kept for export; nothing here is sized by it
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # the type's parameters, sorted (`rope.scaling_from_hf`)
+    max_position_embeddings: int = 4096  # 'dynamic' rope's threshold; nothing here is sized by it
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: True
     o_bias: bool = False
@@ -89,9 +92,7 @@ class DecoderConfig:
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
-        if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"unsupported rope type {self.rope_type!r} (rope_scaling / rope_parameters); "
-                             f"vlm_jax supports {list(SUPPORTED_ROPE_TYPES)}")
+        rope_lib.scaling_from_hf(dict(self.rope_scaling), self.rope_type)  # validates type and parameters
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_kv_heads}")
@@ -131,7 +132,7 @@ class DecoderConfig:
                    num_heads=heads, num_kv_heads=get("num_key_value_heads") or heads,
                    head_dim=get("head_dim") or get("hidden_size") // heads, hidden_act=get("hidden_act", "silu"),
                    rms_norm_eps=float(get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_type=rope_type,
-                   rope_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+                   rope_scaling=rope_lib.scaling_from_hf(rope, rope_type),
                    max_position_embeddings=get("max_position_embeddings", 4096),
                    tie_word_embeddings=bool(get("tie_word_embeddings", False)),
                    qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, bos_token_id=get("bos_token_id"),
@@ -189,9 +190,7 @@ def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: Dtype = jnp.
 
 def rope_cos_sin(cfg: DecoderConfig, positions):
     """i32[B, L] positions -> (cos, sin) f32[B, L, Dh], as HF's LlamaRotaryEmbedding."""
-    dh = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-    inv_freq = inv_freq / cfg.rope_factor  # 'linear' scaling; 1 for 'default'
+    inv_freq = rope_lib.inv_freq(cfg, positions)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)

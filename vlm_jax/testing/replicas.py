@@ -28,6 +28,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from vlm_jax.testing import replicas_internvl
+
 # llava-hf/llava-1.5-7b-hf's chat_template.json.
 LLAVA15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -100,6 +102,7 @@ REPLICAS: dict[str, Replica] = {
         image_processor=dict(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         image_processor_class="SiglipImageProcessor", num_additional_image_tokens=0,
         chat_template=CHATML_IMAGE_TEMPLATE, tie_word_embeddings=True),
+    **replicas_internvl.REPLICAS,  # internvl3-1b, internvl2-2b: transformers' internvl format, their own writer
 }
 
 
@@ -191,6 +194,8 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
     if layout not in ("hub", "transformers5"):
         raise ValueError(f"layout must be 'hub' or 'transformers5', got {layout!r}")
     r = REPLICAS[name]
+    if not isinstance(r, Replica):
+        return r.write(out_dir, corpus, seed=seed, layout=layout, dtype=dtype)
     out = pathlib.Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     texts = [_BASE_CORPUS, *corpus]
