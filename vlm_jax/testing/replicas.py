@@ -28,6 +28,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from vlm_jax.testing.replicas_qwen2_vl import QWEN2_VL_2B
+
 # llava-hf/llava-1.5-7b-hf's chat_template.json.
 LLAVA15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -71,7 +73,7 @@ class Replica:
     vocab_size: int = 1000   # the trained tokenizer's size (plus specials)
 
 
-REPLICAS: dict[str, Replica] = {
+REPLICAS: dict = {  # name -> Replica (LLaVA), or another family's replica (with a `write` method)
     "llava-1.5": Replica(
         hub_id="llava-hf/llava-1.5-7b-hf", tokenizer="llama",
         # CLIP ViT-L/14-336: 336 px / patch 14 = 576 patches (+ class token, dropped by 'default').
@@ -100,6 +102,7 @@ REPLICAS: dict[str, Replica] = {
         image_processor=dict(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         image_processor_class="SiglipImageProcessor", num_additional_image_tokens=0,
         chat_template=CHATML_IMAGE_TEMPLATE, tie_word_embeddings=True),
+    "qwen2-vl": QWEN2_VL_2B,  # Qwen/Qwen2-VL-2B-Instruct (vlm_jax.testing.replicas_qwen2_vl)
 }
 
 
@@ -169,7 +172,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
     """Writes the replica `name` (a key of REPLICAS) into `out_dir`, atomically.
 
     Args:
-      name: 'llava-1.5' or 'llava-interleave-qwen'.
+      name: a key of REPLICAS: 'llava-1.5', 'llava-interleave-qwen' or 'qwen2-vl'.
       out_dir: target directory (must not exist yet, or be empty).
       corpus: extra texts for the tokenizer (a run's prompts and captions, so its words are whole pieces).
       seed: weights' seed.
@@ -180,6 +183,8 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
     Returns:
       The checkpoint directory.
     """
+    if hasattr(REPLICAS.get(name), "write"):  # another family's replica (replicas_qwen2_vl)
+        return REPLICAS[name].write(out_dir, corpus, seed=seed, layout=layout, dtype=dtype)
     import jax.numpy as jnp
     from transformers import CLIPImageProcessorPil, LlavaConfig as HFConfig, LlavaProcessor, SiglipImageProcessorPil
 
