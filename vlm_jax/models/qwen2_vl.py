@@ -341,8 +341,8 @@ class VisionTransformer(nn.Module):
         x = jnp.asarray(pixel_values, self.dtype) @ kernel.reshape(c.embed_dim, -1).T.astype(self.dtype)
         row, col, segment = patch_coordinates(grid_thw, x.shape[0], c.spatial_merge_size)
         mask = (segment[:, None] == segment[None, :])[None, None]
-        quarter = c.head_dim // 2  # row and column each rotate head_dim / 4 frequency pairs
-        inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
+        half = c.head_dim // 2  # HF's spatial_dim: row and column each get head_dim / 4 frequencies
+        inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
         freqs = jnp.concatenate([row[:, None] * inv_freq, col[:, None] * inv_freq], axis=-1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
