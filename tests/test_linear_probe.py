@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from vlm_jax import errors
-from vlm_jax.eval import report
 from vlm_jax.methods import fewshot_registry as registry
 from vlm_jax.methods.fewshot import linear_probe as lp
 
@@ -155,7 +154,7 @@ def test_faces_train_on_the_k_shots_alone_under_both_protocols():
     want = 100.0 * np.mean(np.argmax(lp.logits(f[::-1], w), 1) == y[::-1])
     assert out["clap"]["test_accuracy"] == pytest.approx(want)
     assert out["clap"]["lambda_mean"] > 0 and "lambda_mean" not in out["linear_probe"]
-    assert list(report.METHOD_NAMES)[-2:] == ["linear_probe", "clap"]
+    assert list(registry.display_names())[-2:] == ["linear_probe", "clap"]
 
 
 def test_bad_settings_are_one_line():

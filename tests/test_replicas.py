@@ -33,7 +33,7 @@ EXPECTED = {"llava-1.5": dict(tokens=576, tokenizer="LlamaTokenizer", image_proc
                                           image_processor="SiglipImageProcessor")}
 
 
-@pytest.fixture(scope="module", params=[n for n, r in replicas.REPLICAS.items() if isinstance(r, replicas.Replica)])
+@pytest.fixture(scope="module", params=list(EXPECTED))  # the LLaVA replicas (qwen2-vl: test_qwen2_vl.py)
 def replica(request, tmp_path_factory):
     path = replicas.write_replica(request.param, tmp_path_factory.mktemp("replica") / request.param,
                                   CAPTIONS + [LONG] + INSTRUCTIONS + RESPONSES)

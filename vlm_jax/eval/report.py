@@ -15,17 +15,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from vlm_jax.methods import fewshot_registry
-
 
 def _is_primary() -> bool:
     # Without jax.distributed this is the only process: asking JAX would start its backend (on a GPU, grabbing
     # its memory) just to write a file.
     return not jax.distributed.is_initialized() or jax.process_index() == 0
-
-
-# Display names and order of the few-shot CLIP methods, as their faces register them (the papers' order).
-METHOD_NAMES = fewshot_registry.display_names()
 
 
 # Column labels of the two hyperparameter protocols (`configs/dualadapter.py`), keyed by their entry in a run.
@@ -49,7 +43,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], metric: str = "test_accuracy",
 
 
 def table(summary: Mapping[str, Mapping[int, Mapping[str, float]]], title: str = "", *,
-          marks: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+          marks: Mapping[str, str] | None = None, notes: Sequence[str] = (),
+          display: Mapping[str, str] | None = None) -> str:
     """A markdown table: one row per method, one column per shot count, cells 'mean +- std' (or 'mean' if n=1).
 
     Args:
@@ -57,41 +52,48 @@ def table(summary: Mapping[str, Mapping[int, Mapping[str, float]]], title: str =
       title: a '### title' line above the table.
       marks: method -> suffix of its row name (e.g. ' †' for a row obtained under another protocol).
       notes: lines under the table, one bullet each (what the marks mean, settings that depart from the paper).
+      display: method -> row name, in row order (the few-shot registry's `display_names()`); methods it does not
+        list come last under their own names.
     """
-    return protocols_table({"": summary}, title, marks=marks, notes=notes)
+    return protocols_table({"": summary}, title, marks=marks, notes=notes, display=display)
 
 
 def protocols_table(summaries: Mapping[str, Mapping[str, Mapping[int, Mapping[str, float]]]], title: str = "", *,
-                    marks: Mapping[str, str] | None = None, notes: Sequence[str] = ()) -> str:
+                    marks: Mapping[str, str] | None = None, notes: Sequence[str] = (),
+                    display: Mapping[str, str] | None = None) -> str:
     """`table` with the protocols side by side: for each shot count one column per protocol.
 
     Args:
       summaries: column label (e.g. 'paper', 'realistic'; '' for none) -> summary from `summarize`.
-      title, marks, notes: as in `table`.
+      title, marks, notes, display: as in `table`.
     """
-    marks = marks or {}
+    marks, display = marks or {}, display or {}
     shots = sorted({s for summary in summaries.values() for by in summary.values() for s in by})
     cols = [(s, label) for s in shots for label in summaries]
     head = "| method | " + " | ".join(f"{s}-shot {label}".rstrip() for s, label in cols) + " |"
     lines = ([f"### {title}", ""] if title else []) + [head, "|" + "---|" * (len(cols) + 1)]
     names = {n for summary in summaries.values() for n in summary}
-    for name in sorted(names, key=lambda n: list(METHOD_NAMES).index(n) if n in METHOD_NAMES else 99):
+    order = {n: i for i, n in enumerate(display)}
+    for name in sorted(names, key=lambda n: (order.get(n, len(order)), n)):
         cells = []
         for s, label in cols:
             c = summaries[label].get(name, {}).get(s)
             cells.append("" if c is None else f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if c["n"] > 1 else ""))
-        lines.append(f"| {METHOD_NAMES.get(name, name)}{marks.get(name, '')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display.get(name, name)}{marks.get(name, '')} | " + " | ".join(cells) + " |")
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, title: str = "",
-         realistic: Mapping[str, Mapping[int, Mapping[str, float]]] | None = None) -> None:
+         realistic: Mapping[str, Mapping[int, Mapping[str, float]]] | None = None,
+         display: Mapping[str, str] | None = None) -> None:
     """Accuracy vs shots (log2 x axis), one line per method with a +-std band, saved as PNG (process 0 only).
 
-    `realistic`, if given, adds each method's realistic-protocol curve, dashed in the same colour.
+    `realistic`, if given, adds each method's realistic-protocol curve, dashed in the same colour; `display`: method
+    -> legend name.
     """
+    display = display or {}
     if not _is_primary():
         return
     import matplotlib
@@ -105,7 +107,7 @@ def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, ti
             shots = sorted(by)
             mean = np.array([by[s]["mean"] for s in shots])
             std = np.array([by[s]["std"] for s in shots])
-            label = METHOD_NAMES.get(name, name) + (" (realistic)" if dashed else "")
+            label = display.get(name, name) + (" (realistic)" if dashed else "")
             line, = ax.plot(shots, mean, marker="o", linestyle="--" if dashed else "-", label=label,
                             color=colours.get(name))
             colours.setdefault(name, line.get_color())

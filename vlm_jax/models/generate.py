@@ -44,7 +44,7 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _decode(params, input_ids, inputs_embeds, attention_mask, eos_ids, pad_id, *, model, max_new_tokens):
+def _decode(params, input_ids, inputs_embeds, attention_mask, positions, eos_ids, pad_id, *, model, max_new_tokens):
     """The jitted prefill + while_loop; inputs already bucketed. Returns i32[B, max_new_tokens].
 
     eos_ids i32[E] (E may be 0) and pad_id i32[] are traced, so changing them does not recompile.
@@ -64,8 +64,8 @@ def _decode(params, input_ids, inputs_embeds, attention_mask, eos_ids, pad_id, *
     # The last prompt token is the last slot of every row (left padding), so decoding writes
     # slot `length + step` for all rows alike.
     cache = model.init_cache(b, length + max_new_tokens)
-    hidden, cache = model.apply(variables, input_ids, attention_mask, inputs_embeds=inputs_embeds, cache=cache,
-                                method="hidden_states")
+    hidden, cache = model.apply(variables, input_ids, attention_mask, inputs_embeds=inputs_embeds,
+                                positions=positions, cache=cache, method="hidden_states")
     tok = next_token(hidden)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     ones = jnp.ones((b, 1), jnp.int32)
@@ -87,7 +87,7 @@ def _decode(params, input_ids, inputs_embeds, attention_mask, eos_ids, pad_id, *
 
 def greedy_generate(model, params, input_ids, attention_mask, max_new_tokens: int,
                     eos_token_id: int | Sequence[int] | None, pad_token_id: int, *, inputs_embeds=None,
-                    bucket_multiple: int = 64) -> jax.Array:
+                    positions=None, bucket_multiple: int = 64) -> jax.Array:
     """Greedy decoding of a left-padded batch.
 
     Args:
@@ -101,6 +101,9 @@ def greedy_generate(model, params, input_ids, attention_mask, max_new_tokens: in
       pad_token_id: written after a row's EOS (and used to pad prompt ids to the bucket).
       inputs_embeds: f32[B, L, D] prompt embeddings instead of ids, e.g. LLaVA's text
         embeddings with the image features spliced in (`model.embed` + projector output).
+      positions: the prompt's rotary positions, i32[B, L] or i32[3, B, L] (Qwen2-VL's M-RoPE,
+        `Qwen2VL.rope_positions`); None: the model's default (the count of real tokens before).
+        The tokens generated next are placed by the model (Qwen2-VL's cache keeps the offset).
       bucket_multiple: prompts are left-padded to a multiple of this (see the module doc).
 
     Returns:
@@ -122,6 +125,9 @@ def greedy_generate(model, params, input_ids, attention_mask, max_new_tokens: in
         input_ids = jnp.pad(jnp.asarray(input_ids, jnp.int32), ((0, 0), (extra, 0)), constant_values=pad_token_id)
     else:
         inputs_embeds = jnp.pad(jnp.asarray(inputs_embeds), ((0, 0), (extra, 0), (0, 0)))
+    if positions is not None:  # the bucket's extra slots are padding: their positions are never used
+        positions = jnp.asarray(positions, jnp.int32)
+        positions = jnp.pad(positions, [(0, 0)] * (positions.ndim - 1) + [(extra, 0)])
     eos_ids = jnp.asarray(_eos_tuple(eos_token_id), jnp.int32).reshape(-1)
-    return _decode(params, input_ids, inputs_embeds, jnp.asarray(mask), eos_ids, jnp.asarray(pad_token_id, jnp.int32),
-                   model=model, max_new_tokens=int(max_new_tokens))
+    return _decode(params, input_ids, inputs_embeds, jnp.asarray(mask), positions, eos_ids,
+                   jnp.asarray(pad_token_id, jnp.int32), model=model, max_new_tokens=int(max_new_tokens))

@@ -40,6 +40,7 @@ the same slot in every row and every row's next token is written at the same pla
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -88,6 +89,9 @@ class DecoderConfig:
     bos_token_id: int | None = None  # token ids only kept to write the config back (to_hf)
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # M-RoPE (Qwen2-VL): how many of the head's Dh/2 rotary frequencies follow the temporal, height and width
+    # position; used with positions of shape [3, B, L]. None: positions are [B, L] (plain RoPE).
+    mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -98,6 +102,10 @@ class DecoderConfig:
                              f"num_key_value_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.mrope_section is not None and (len(self.mrope_section) != 3
+                                               or sum(self.mrope_section) != self.head_dim // 2):
+            raise ValueError(f"mrope_section {list(self.mrope_section)} must be 3 sizes summing to head_dim / 2 = "
+                             f"{self.head_dim // 2}")
 
     @classmethod
     def from_hf(cls, config) -> "DecoderConfig":
@@ -194,6 +202,23 @@ def rope_cos_sin(cfg: DecoderConfig, positions):
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def mrope_cos_sin(cfg: DecoderConfig, positions):
+    """M-RoPE (HF Qwen2VLRotaryEmbedding): i32[3, B, L] (temporal, height, width) positions -> (cos, sin)
+    f32[B, L, Dh]. The k-th chunk of `cfg.mrope_section` frequencies (in each half) rotates by axis k's position;
+    with three equal position rows this is plain RoPE."""
+    if cfg.mrope_section is None:
+        raise ValueError("positions of shape [3, B, L] need a config with mrope_section (M-RoPE)")
+    cos, sin = rope_cos_sin(cfg, positions)  # [3, B, L, Dh]: every frequency at every axis' position
+    bounds = [0, *itertools.accumulate(cfg.mrope_section)]
+    half = cfg.head_dim // 2
+
+    def pick(t):
+        t = jnp.concatenate([t[k, ..., a:b] for k, (a, b) in enumerate(zip(bounds, bounds[1:]))], axis=-1)
+        return jnp.concatenate([t, t], axis=-1)
+
+    return pick(cos[..., :half]), pick(sin[..., :half])
 
 
 def apply_rope(x, cos, sin):
@@ -338,7 +363,8 @@ class DecoderModel(nn.Module):
           x: f32[B, L, D] input embeddings.
           attention_mask: i32[B, L], 1 = token, 0 = padding.
           positions: i32[B, L] rotary positions, or None for the count of real tokens before
-            each one (cumsum(mask) - 1, clipped at 0), continuing the cache's count.
+            each one (cumsum(mask) - 1, clipped at 0), continuing the cache's count; or
+            i32[3, B, L] M-RoPE positions (configs with mrope_section).
           cache: None, or a KVCache the L tokens are appended to.
 
         Returns:
@@ -364,7 +390,7 @@ class DecoderModel(nn.Module):
             # What HF generate passes (cumsum - 1, pads 0). HF's forward *without* position_ids
             # uses arange(L) (+ cache length) instead, which differs for left-padded rows.
             positions = jnp.maximum(start + jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        cos, sin = rope_cos_sin(self.cfg, positions)
+        cos, sin = (mrope_cos_sin if positions.ndim == 3 else rope_cos_sin)(self.cfg, positions)
         x = x.astype(self.dtype)
         if self.scan_layers:
             x, kv = self.layers(x, None if kv is None else kv, mask, cos, sin, index)

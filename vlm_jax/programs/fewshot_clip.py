@@ -27,6 +27,7 @@ from vlm_jax.data import datasets_meta as meta
 from vlm_jax.data import features as feats
 from vlm_jax.data import fewshot, preprocess, tokenize
 from vlm_jax.eval import report
+from vlm_jax.methods import fewshot_registry
 from vlm_jax.programs import fewshot_methods, fewshot_realistic, runner
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.runtime import workdir as workdir_lib
@@ -206,10 +207,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`."""
     dc = config.data
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(report.METHOD_NAMES)
+    unknown = set(methods) - set(fewshot_registry.names())
     if unknown:
         raise errors.UserError(f"unknown methods {sorted(unknown)} in config.methods; known: "
-                               f"{', '.join(report.METHOD_NAMES)}")
+                               f"{', '.join(fewshot_registry.names())}")
     runs = ([(s, r) for s in config.sweep.shots for r in config.sweep.seeds] if config.sweep.enabled
             else [(dc.shots, dc.seed)])
     for s, _ in runs:  # shots <= 0 (or 1.5): one line, before anything is written
@@ -298,7 +299,7 @@ def write_results(config, methods, ds, ckpt, results, tests, val, workdir) -> di
 
     def md_table(metric, title, notes=()):
         return report.protocols_table({label: report.summarize(results, metric, k) for k, label in labels.items()},
-                                      title, marks=marks, notes=notes)
+                                      title, marks=marks, notes=notes, display=fewshot_registry.display_names())
 
     md = md_table("test_accuracy", title, notes)
     for name in tests:
@@ -312,7 +313,8 @@ def write_results(config, methods, ds, ckpt, results, tests, val, workdir) -> di
            "templates": config.templates.to_dict(), "notes": notes, "runs": results, "summary": summary,
            "summary_realistic": summary_realistic}
     if len(results) > 1:
-        report.plot(summary, os.path.join(workdir, "accuracy_vs_shots.png"), title, realistic=summary_realistic)
+        report.plot(summary, os.path.join(workdir, "accuracy_vs_shots.png"), title, realistic=summary_realistic,
+                    display=fewshot_registry.display_names())
     return runner.write_results(workdir, md, out)
 
 

@@ -29,6 +29,8 @@ import tempfile
 from collections.abc import Sequence
 
 from vlm_jax.testing import replicas_internvl
+from vlm_jax.testing.common import BASE_CORPUS as _BASE_CORPUS, random_params  # noqa: F401 (re-exported)
+from vlm_jax.testing.replicas_qwen2_vl import QWEN2_VL_2B
 
 # llava-hf/llava-1.5-7b-hf's chat_template.json.
 LLAVA15_CHAT_TEMPLATE = (
@@ -48,13 +50,6 @@ CHATML_IMAGE_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 # Text every replica's tokenizer is trained on, besides the caller's corpus (so common words are whole pieces).
-_BASE_CORPUS = (
-    "USER: ASSISTANT: What is shown in this image? Describe the image in detail. Summary above image in one word: "
-    "Summary above sentence in one word: a photo of a cat sitting on the grass next to a dog. The possible "
-    "diagnoses are: normal, benign, malignant. Analyze the given medical image. A man riding a bike down a street "
-    "with cars and people. 0123456789 ,.;:!?'\"()[]-_/ \n")
-
-
 @dataclasses.dataclass(frozen=True)
 class Replica:
     """What one replica copies from its real checkpoint; `hub_id` names that checkpoint."""
@@ -73,7 +68,7 @@ class Replica:
     vocab_size: int = 1000   # the trained tokenizer's size (plus specials)
 
 
-REPLICAS: dict[str, Replica] = {
+REPLICAS: dict = {  # name -> Replica (LLaVA), or another family's replica (with a `write` method)
     "llava-1.5": Replica(
         hub_id="llava-hf/llava-1.5-7b-hf", tokenizer="llama",
         # CLIP ViT-L/14-336: 336 px / patch 14 = 576 patches (+ class token, dropped by 'default').
@@ -103,6 +98,7 @@ REPLICAS: dict[str, Replica] = {
         image_processor_class="SiglipImageProcessor", num_additional_image_tokens=0,
         chat_template=CHATML_IMAGE_TEMPLATE, tie_word_embeddings=True),
     **replicas_internvl.REPLICAS,  # internvl3-1b, internvl2-2b: transformers' internvl format, their own writer
+    "qwen2-vl": QWEN2_VL_2B,  # Qwen/Qwen2-VL-2B-Instruct (vlm_jax.testing.replicas_qwen2_vl)
 }
 
 
@@ -172,7 +168,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
     """Writes the replica `name` (a key of REPLICAS) into `out_dir`, atomically.
 
     Args:
-      name: 'llava-1.5' or 'llava-interleave-qwen'.
+      name: a key of REPLICAS ('llava-1.5', 'llava-interleave-qwen', 'internvl3-1b', 'internvl2-2b', 'qwen2-vl').
       out_dir: target directory (must not exist yet, or be empty).
       corpus: extra texts for the tokenizer (a run's prompts and captions, so its words are whole pieces).
       seed: weights' seed.
@@ -235,27 +231,6 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
         shutil.move(str(written), str(out))
     out.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users of a shared cache
     return out
-
-
-def random_params(model, seed: int) -> dict:
-    """Random numpy params of the model's shape tree, without compiling its init (seconds on 2 cores).
-
-    Norm scales are 1 + N(0, 0.05), everything else N(0, 0.05): non-degenerate (HF's init leaves norms at 1 and
-    biases at 0, which would hide mapping bugs), so every tensor's mapping matters in a parity check.
-    """
-    import jax
-    import numpy as np
-    from flax import linen as nn
-
-    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs())["params"])
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
-        base = 1.0 if name == "scale" else 0.0
-        return (base + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------

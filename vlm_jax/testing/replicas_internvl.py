@@ -29,6 +29,8 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
+from vlm_jax.testing import common
+
 # transformers' convert_internvl_weights_to_hf.py chat template (the one the -hf repos carry).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
@@ -176,13 +178,12 @@ def _write(r: InternVLReplica, out: pathlib.Path, corpus: Sequence[str], seed: i
 
     from vlm_jax.convert import internvl as internvl_convert
     from vlm_jax.models.internvl import InternVL, InternVLConfig
-    from vlm_jax.testing import replicas
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         tmp = pathlib.Path(tmp)
         make = _qwen2_tokenizer if r.tokenizer == "qwen2" else _internlm2_tokenizer
-        tok = make([replicas._BASE_CORPUS, *corpus], r.vocab_size, tmp)
+        tok = make([common.BASE_CORPUS, *corpus], r.vocab_size, tmp)
         stage = tmp / "ckpt"
         tok.save_pretrained(stage)
         tc = json.loads((stage / "tokenizer_config.json").read_text())
@@ -197,7 +198,7 @@ def _write(r: InternVLReplica, out: pathlib.Path, corpus: Sequence[str], seed: i
                           vision_feature_layer=-1, vision_feature_select_strategy="default",
                           tie_word_embeddings=text["tie_word_embeddings"])
         model = InternVL(InternVLConfig.from_hf(config), param_dtype=dtype or jnp.float32)
-        params = replicas.random_params(model, seed)
+        params = common.random_params(model, seed)
         files = {f.name: f.read_bytes() for f in stage.iterdir() if f.is_file()}
         gen = None if r.generation_eos is None else {"eos_token_id": tok.convert_tokens_to_ids(r.generation_eos)}
         written = internvl_convert.to_hf(model, params, tmp / "final", extra_files=files, generation_config=gen)

@@ -1,0 +1,31 @@
+"""What every replica family shares: the base tokenizer corpus and random parameters without a compile."""
+
+from __future__ import annotations
+
+# Words every replica's tokenizer keeps whole: the programs' default prompts and instructions.
+BASE_CORPUS = (
+    "USER: ASSISTANT: What is shown in this image? Describe the image in detail. Summary above image in one word: "
+    "Summary above sentence in one word: a photo of a cat sitting on the grass next to a dog. The possible "
+    "diagnoses are: normal, benign, malignant. Analyze the given medical image. A man riding a bike down a street "
+    "with cars and people. 0123456789 ,.;:!?'\"()[]-_/ \n")
+
+
+def random_params(model, seed: int) -> dict:
+    """Random numpy params of the model's shape tree, without compiling its init (seconds on 2 cores).
+
+    Norm scales are 1 + N(0, 0.05), everything else N(0, 0.05): non-degenerate (HF's init leaves norms at 1 and
+    biases at 0, which would hide mapping bugs), so every tensor's mapping matters in a parity check.
+    """
+    import jax
+    import numpy as np
+    from flax import linen as nn
+
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs())["params"])
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+        base = 1.0 if name == "scale" else 0.0
+        return (base + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
