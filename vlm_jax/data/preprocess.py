@@ -326,19 +326,64 @@ def preprocess_image(image: ImageLike, settings: dict) -> np.ndarray:
             new_h, new_w = resize["height"], resize["width"]
         img = img.resize((new_w, new_h), resample=Image.Resampling(settings["resample"]))
     arr = np.asarray(img)
+    torchvision = settings.get("backend") == "torchvision"
     if settings["crop"] is not None:
         h, w = settings["crop"]
         if h != w:
             raise UserError(f"non-square center crops ({h}x{w}) are not supported")
-        arr = center_crop(arr, h)
+        arr = torchvision_center_crop(arr, h) if torchvision else center_crop(arr, h)
     x = arr
-    if settings["rescale"] is not None:
+    if torchvision:  # ToTensor: a float32 division by 255
+        x = arr.astype(np.float32) / np.float32(255)
+    elif settings["rescale"] is not None:
         # transformers rescales in float64 then casts to float32; normalise then runs in float32.
         x = (arr.astype(np.float64) * settings["rescale"]).astype(np.float32)
     x = x.astype(np.float32)
     if settings["mean"] is not None:
         x = _normalise(x, settings["mean"], settings["std"])
     return x
+
+
+def torchvision_center_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
+    """torchvision's `CenterCrop` on u8[H, W, C]: offsets round((H - c) / 2) (transformers floors), zero padding
+    split (c - H) // 2 before and the rest after when the image is smaller."""
+    height, width = image.shape[:2]
+    if height < crop_size or width < crop_size:
+        pad_h, pad_w = max(crop_size - height, 0), max(crop_size - width, 0)
+        image = np.pad(image, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+                       + ((0, 0),) * (image.ndim - 2))
+        height, width = image.shape[:2]
+    top, left = int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
+    return image[top:top + crop_size, left:left + crop_size]
+
+
+_OPEN_CLIP_RESAMPLE = {"bicubic": 3, "bilinear": 2}
+
+
+def open_clip_image_settings(preprocess_cfg: dict, image_size: int, where: str) -> dict:
+    """The eval transform of an open_clip checkpoint (open_clip_config.json's preprocess_cfg), as `image_settings`.
+
+    open_clip's `image_transform(is_train=False)` with resize_mode 'shortest' (its default): torchvision Resize of
+    the shortest edge (the same size rule and PIL filter as transformers), CenterCrop (rounded offsets), ToTensor
+    (float32 / 255), Normalize. One departure: open_clip converts to RGB after the crop and drops alpha; we
+    convert first and composite alpha onto white (`load_image`), so only transparent images differ.
+
+    Raises:
+      UserError: a resize_mode or interpolation other than shortest / bicubic|bilinear, or a non-int size.
+    """
+    cfg = dict(preprocess_cfg)
+    size = cfg.pop("size", image_size)
+    unsupported = {k: cfg[k] for k in ("resize_mode", "interpolation", "mode", "fill_color")
+                   if k in cfg and cfg[k] not in {"resize_mode": ("shortest",), "interpolation": tuple(_OPEN_CLIP_RESAMPLE),
+                                                  "mode": ("RGB",), "fill_color": (0,)}[k]}
+    unknown = sorted(set(cfg) - {"mean", "std", "resize_mode", "interpolation", "mode", "fill_color"})
+    if unsupported or unknown or not isinstance(size, int):
+        raise UserError(f"{where}: open_clip preprocess_cfg not supported: "
+                        f"{dict(unsupported, **{k: cfg[k] for k in unknown}) or {'size': size}}")
+    return {"resize": {"shortest_edge": size}, "crop": [size, size], "rescale": 1 / 255,
+            "mean": [float(v) for v in cfg.get("mean", CLIP_MEAN)], "std": [float(v) for v in cfg.get("std", CLIP_STD)],
+            "resample": _OPEN_CLIP_RESAMPLE[cfg.get("interpolation", "bicubic")], "convert_rgb": True,
+            "backend": "torchvision"}
 
 
 def preprocess_settings(checkpoint_dir: str | os.PathLike) -> dict:
