@@ -28,6 +28,8 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from vlm_jax.testing import replicas_vision
+
 # llava-hf/llava-1.5-7b-hf's chat_template.json.
 LLAVA15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -100,6 +102,7 @@ REPLICAS: dict[str, Replica] = {
         image_processor=dict(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         image_processor_class="SiglipImageProcessor", num_additional_image_tokens=0,
         chat_template=CHATML_IMAGE_TEMPLATE, tie_word_embeddings=True),
+    **replicas_vision.REPLICAS,  # the dual encoders' and ViT's (rn50-openclip, vit-b16-in21k, siglip-base)
 }
 
 
@@ -188,6 +191,8 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
 
     if name not in REPLICAS:
         raise KeyError(f"unknown replica {name!r}; known: {', '.join(REPLICAS)}")
+    if isinstance(REPLICAS[name], replicas_vision.VisionReplica):
+        return REPLICAS[name].write(out_dir, corpus, seed=seed)
     if layout not in ("hub", "transformers5"):
         raise ValueError(f"layout must be 'hub' or 'transformers5', got {layout!r}")
     r = REPLICAS[name]
