@@ -34,7 +34,8 @@ EXPECTED = {"llava-1.5": dict(tokens=576, tokenizer="LlamaTokenizer", image_proc
                                           image_processor="SiglipImageProcessor")}
 
 
-@pytest.fixture(scope="module", params=list(replicas.REPLICAS))
+@pytest.fixture(scope="module", params=[n for n, r in replicas.REPLICAS.items()
+                                        if not isinstance(r, replicas.replicas_vision.VisionReplica)])
 def replica(request, tmp_path_factory):
     path = replicas.write_replica(request.param, tmp_path_factory.mktemp("replica") / request.param,
                                   CAPTIONS + [LONG] + INSTRUCTIONS + RESPONSES)

@@ -183,9 +183,9 @@ def resolve_checkpoint(spec: str, cache_root: str, texts, config_file: str) -> s
         from vlm_jax.testing import replicas
 
         name = spec[len(REPLICA_PREFIX):]
-        if name not in replicas.REPLICAS:
-            raise UserError(f"unknown replica {spec!r}; known: "
-                            f"{', '.join(REPLICA_PREFIX + n for n in replicas.REPLICAS)}")
+        known = [n for n, r in replicas.REPLICAS.items() if not isinstance(r, replicas.replicas_vision.VisionReplica)]
+        if name not in known:  # the vision replicas (dual encoders, ViT) are no LVLM checkpoints
+            raise UserError(f"unknown replica {spec!r}; known: {', '.join(REPLICA_PREFIX + n for n in known)}")
         path = pathlib.Path(cache_root) / f"replica-{name}-{texts_key(texts)}"
         if not (path / "config.json").exists():
             try:
