@@ -129,7 +129,8 @@ def _strings():
     out = names + [t.format(n) for t, n in zip(templates * 20, names[::3])]
     return out + [
         "", "  ", "A  photo\tof\na CAT!!", "it's the dog's toy, they'll've", "l'été à Paris — naïve café",
-        "Ryan’s “quoted” text", "fish &amp; chips &lt;3", "mojibake: cafÃ©", "２０２４ ｆｕｌｌ", "ﬁne ligature",
+        "Ryan’s “quoted” text", "fish &amp; chips &lt;3", "mojibake: cafÃ©", "２０２４ ｆｕｌｌ",
+        "ﬁne ligature",
         "numbers 1234567 and 3.14", "emoji 🐱🐶 and 中文字符 and Ελληνικά", "x" * 300,
         " ".join(["word"] * 100), "<|endoftext|> literal", "tab\there", "ALL CAPS CLASS NAME",
     ]

@@ -190,12 +190,14 @@ def load_dual_encoder(checkpoint_dir, dtype="float32") -> DualEncoder:
     if family == "clip":
         from vlm_jax.convert import clip as convert
 
-        size, length = raw["vision_config"].get("image_size", 224), raw["text_config"].get("max_position_embeddings", 77)
+        size, length = raw["vision_config"].get("image_size", 224), raw["text_config"].get(
+            "max_position_embeddings", 77)
         load = functools.partial(convert.from_pretrained, root, dtype=dtype)
     else:
         from vlm_jax.convert import siglip as convert
 
-        size, length = raw["vision_config"].get("image_size", 224), raw["text_config"].get("max_position_embeddings", 64)
+        size, length = raw["vision_config"].get("image_size", 224), raw["text_config"].get(
+            "max_position_embeddings", 64)
         load = functools.partial(convert.load_siglip_model, root, dtype=dtype)
     return DualEncoder(family, str(root), dtype, settings, size, length, _load=load,
                        _tokenizer=lambda: _hf_tokenizer(root, length, family == "siglip"))

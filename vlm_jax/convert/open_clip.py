@@ -66,12 +66,14 @@ def _resnet(c: ResNetConfig) -> list[Entry]:
     v = ("visual",)
     t = []
     for i in (1, 2, 3):
-        t += [Entry(f"visual.conv{i}.weight", (*v, f"conv{i}", "kernel"), "conv"), *_bn(f"visual.bn{i}", (*v, f"bn{i}"))]
+        t += [Entry(f"visual.conv{i}.weight", (*v, f"conv{i}", "kernel"), "conv"),
+              *_bn(f"visual.bn{i}", (*v, f"bn{i}"))]
     for stage, blocks in enumerate(c.layers, start=1):
         for j in range(blocks):
             hf, fx = f"visual.layer{stage}.{j}", (*v, f"layer{stage}_{j}")
             for k in (1, 2, 3):
-                t += [Entry(f"{hf}.conv{k}.weight", (*fx, f"conv{k}", "kernel"), "conv"), *_bn(f"{hf}.bn{k}", (*fx, f"bn{k}"))]
+                t += [Entry(f"{hf}.conv{k}.weight", (*fx, f"conv{k}", "kernel"), "conv"),
+                      *_bn(f"{hf}.bn{k}", (*fx, f"bn{k}"))]
             if j == 0:  # the first block of every stage changes width (stage 1) or stride (the others)
                 t += [Entry(f"{hf}.downsample.0.weight", (*fx, "downsample_0", "kernel"), "conv"),
                       *_bn(f"{hf}.downsample.1", (*fx, "downsample_1"))]

@@ -373,9 +373,9 @@ def open_clip_image_settings(preprocess_cfg: dict, image_size: int, where: str) 
     """
     cfg = dict(preprocess_cfg)
     size = cfg.pop("size", image_size)
-    unsupported = {k: cfg[k] for k in ("resize_mode", "interpolation", "mode", "fill_color")
-                   if k in cfg and cfg[k] not in {"resize_mode": ("shortest",), "interpolation": tuple(_OPEN_CLIP_RESAMPLE),
-                                                  "mode": ("RGB",), "fill_color": (0,)}[k]}
+    allowed = {"resize_mode": ("shortest",), "interpolation": tuple(_OPEN_CLIP_RESAMPLE), "mode": ("RGB",),
+               "fill_color": (0,)}
+    unsupported = {k: cfg[k] for k in allowed if k in cfg and cfg[k] not in allowed[k]}
     unknown = sorted(set(cfg) - {"mean", "std", "resize_mode", "interpolation", "mode", "fill_color"})
     if unsupported or unknown or not isinstance(size, int):
         raise UserError(f"{where}: open_clip preprocess_cfg not supported: "

@@ -295,8 +295,9 @@ class AttentionPool2d(nn.Module):
         q = nn.DenseGeneral(**heads, name="q_proj")(x[:, :1])  # only the mean token's output is kept
         out = jax.nn.dot_product_attention(q, nn.DenseGeneral(**heads, name="k_proj")(x),
                                            nn.DenseGeneral(**heads, name="v_proj")(x), scale=k ** -0.5)
-        return nn.DenseGeneral(self.output_dim, axis=(-2, -1), kernel_init=_part(_default_kernel, "heads", "kv", "proj"),
-                               bias_init=_part(_zeros, "proj"), name="c_proj", **kw)(out)[:, 0]
+        return nn.DenseGeneral(self.output_dim, axis=(-2, -1), name="c_proj",
+                               kernel_init=_part(_default_kernel, "heads", "kv", "proj"),
+                               bias_init=_part(_zeros, "proj"), **kw)(out)[:, 0]
 
 
 class ModifiedResNet(nn.Module):
@@ -340,7 +341,8 @@ class VisionTransformer(nn.Module):
         cls = self.param("class_embedding", _part(_small, "embed"), (d,), self.param_dtype).astype(self.dtype)
         pos = self.param("positional_embedding", _part(_small, "pos", "embed"), (n, d), self.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)), x], axis=1) + pos.astype(self.dtype)
-        x = Transformer(d, c.layers, c.heads, c.mlp_ratio, self.quick_gelu, name="transformer", **kw)(_ln("ln_pre", kw)(x))
+        x = Transformer(d, c.layers, c.heads, c.mlp_ratio, self.quick_gelu, name="transformer", **kw)(
+            _ln("ln_pre", kw)(x))
         pooled = _ln("ln_post", kw)(x[:, 0])
         proj = self.param("proj", _part(_default_kernel, "embed", "proj"), (d, self.output_dim), self.param_dtype)
         return pooled @ proj.astype(self.dtype)

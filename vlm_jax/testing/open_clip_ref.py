@@ -86,7 +86,7 @@ def import_open_clip():
         raise ImportError("open-clip-torch is not installed: pip install --no-deps open-clip-torch ftfy "
                           "(--no-deps: its torchvision requirement would replace the CPU torch)")
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
     except Exception:  # noqa: BLE001 - not installed, or PyPI's build that fails beside the CPU torch
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
