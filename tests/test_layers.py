@@ -13,12 +13,12 @@ ROOT = pathlib.Path(vlm_jax.__file__).parent
 
 # The subpackages each subpackage may import ('' = the top-level modules: errors, config_utils). Everything not
 # listed is refused: the runtime floor, models and data never import methods/, train/ or programs/; data never
-# imports convert/ (checkpoint location is the runtime floor's); models never import convert/.
+# imports convert/ (checkpoint location is the runtime floor's); models never import convert/ or data/
 ALLOWED = {
     "": {""},
     "runtime": {"", "runtime"},
     "models": {"", "runtime", "models"},
-    "convert": {"", "runtime", "models", "convert"},
+    "convert": {"", "runtime", "models", "data", "convert"},  # data: a loader also brings tokenizer + processor
     "data": {"", "runtime", "data"},
     "eval": {"", "runtime", "models", "data", "eval"},
     "methods": {"", "runtime", "models", "data", "eval", "methods"},

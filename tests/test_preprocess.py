@@ -103,8 +103,8 @@ def test_preprocess_settings(tmp_path):
                                                                    "size": {"height": 384, "width": 384}}))
     with pytest.raises(ValueError, match="CLIP-style"):
         pp.preprocess_settings(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ViTImageProcessor"}))
-    with pytest.raises(ValueError, match="'ViTImageProcessor' is not supported; supported: CLIP"):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "DeiTImageProcessor"}))
+    with pytest.raises(ValueError, match="'DeiTImageProcessor' is not supported; supported: CLIP"):
         pp.image_settings(tmp_path)
 
 
@@ -120,15 +120,22 @@ def _saved(processor, tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", ["preprocessor_config", "processor_config"])
-@pytest.mark.parametrize("kind", ["clip336", "siglip384"])
+@pytest.mark.parametrize("kind", ["clip336", "siglip384", "vit384"])
 def test_image_settings_match_the_checkpoints_processor(tmp_path, kind, layout):
-    from transformers import SiglipImageProcessorPil
+    from transformers import SiglipImageProcessorPil, ViTImageProcessorPil
 
-    processor = (SlowCLIPProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-                 if kind == "clip336" else
-                 SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    processor = {
+        "clip336": lambda: SlowCLIPProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        "siglip384": lambda: SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3,
+                                                     image_std=[0.5] * 3),
+        # ViT's class defaults (bilinear, mean/std 0.5) and size; 384 so that the resize is not a no-op.
+        "vit384": lambda: ViTImageProcessorPil(size={"height": 384, "width": 384}),
+    }[kind]()
     settings = pp.image_settings(_saved(processor, tmp_path, layout))
+    # ViT's processor has no do_convert_rgb: transformers itself fails on RGBA / L images there (we convert them).
     for i, (h, w, mode) in enumerate([(300, 500, "RGB"), (501, 223, "RGBA"), (40, 37, "L")]):
+        if kind == "vit384" and mode != "RGB":
+            continue
         image = _random_image(h, w, mode, seed=i)
         ours = pp.preprocess_image(image, settings)
         ref = _hf(processor, image)
@@ -182,3 +189,19 @@ def test_augment_full_crop_equals_resize_and_normalise():
     ref = pp.clip_preprocess(image, size=64, crop_size=64)
     assert np.abs(out - ref).max() < 1e-5
     assert math.isclose(float(out.mean()), float(ref.mean()), rel_tol=1e-5)
+
+
+def test_vit_in21k_feature_extractor_config_is_bit_equal(tmp_path):
+    """google/vit-base-patch16-224-in21k's preprocessor_config.json (an old ViTFeatureExtractor, int size, which
+    ViT reads as a square, unlike CLIP and SigLIP): ours equals the processor transformers builds from it."""
+    from transformers import AutoImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(
+        do_normalize=True, do_resize=True, feature_extractor_type="ViTFeatureExtractor", image_mean=[0.5] * 3,
+        image_std=[0.5] * 3, resample=2, size=224)))
+    settings = pp.image_settings(tmp_path)
+    assert settings["resize"] == {"height": 224, "width": 224} and settings["resample"] == 2
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    for i, (h, w, mode) in enumerate([(300, 500, "RGB"), (97, 130, "RGB")]):
+        image = _random_image(h, w, mode, seed=10 + i)
+        np.testing.assert_array_equal(pp.preprocess_image(image, settings), _hf(processor, image))

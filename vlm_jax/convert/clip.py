@@ -14,6 +14,7 @@ import numpy as np
 
 from vlm_jax.convert import loader, stream
 from vlm_jax.convert.loader import Entry
+from vlm_jax.data.tokenize import bytes_to_unicode
 from vlm_jax.models.clip import CLIP
 
 # Buffers some checkpoints carry (older transformers saved them) that are not parameters.
@@ -173,21 +174,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # OpenAI CLIP's preprocessing constants (CLIPImageProcessor defaults).
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode char map (as in transformers).
-
-    Copied rather than imported: transformers moves it between modules across releases.
-    """
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -1,4 +1,5 @@
-"""HF `SiglipVisionModel` <-> `vlm_jax.models.siglip.SiglipVisionTower`: table, loading, export.
+"""HF `SiglipVisionModel` <-> `vlm_jax.models.siglip.SiglipVisionTower`: table, loading, export; and
+HF `SiglipModel` <-> `SiglipModel` (the dual encoder: `load_siglip_model`, `siglip_model_to_hf`).
 
 Where the tower's tensors live depends on who saved the checkpoint, so the HF-side name
 prefix is a parameter of the table rather than a constant:
@@ -31,7 +32,7 @@ import numpy as np
 from vlm_jax.convert import loader, stream
 from vlm_jax.convert.clip import _layer, _norm  # SigLIP's encoder layers are CLIP's, name for name
 from vlm_jax.convert.loader import CheckpointError, Entry
-from vlm_jax.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from vlm_jax.models.siglip import SiglipModel, SiglipVisionConfig, SiglipVisionTower
 
 # Non-persistent buffers older transformers saved; not parameters.
 IGNORE = (r".*\.position_ids",)
@@ -212,4 +213,92 @@ def to_hf(model_or_config, params, out_dir, *, dtype=None, prefix: str = "vision
     d = config.to_dict()
     d["architectures"] = ["SiglipVisionModel"]
     d["dtype"] = d["torch_dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
+    return loader.write_checkpoint(out_dir, tensors, d, extra_files)
+
+
+# ----------------------------------------------------------------------------- the dual encoder (SiglipModel)
+
+
+def siglip_text_table(num_layers: int, prefix: str = "text_model.") -> list[Entry]:
+    """The HF <-> Flax rows of a SigLIP text tower (Flax path 'text_model/...')."""
+    f = ("text_model",)
+    table = [
+        Entry(f"{prefix}embeddings.token_embedding.weight", (*f, "embeddings", "token_embedding", "embedding")),
+        Entry(f"{prefix}embeddings.position_embedding.weight", (*f, "embeddings", "position_embedding", "embedding")),
+        *_norm(f"{prefix}final_layer_norm", (*f, "final_layer_norm")),
+        Entry(f"{prefix}head.weight", (*f, "head", "kernel"), "transpose"),
+        Entry(f"{prefix}head.bias", (*f, "head", "bias")),
+    ]
+    for i in range(num_layers):
+        table += _layer(f"{prefix}encoder.layers.{i}", (*f, "encoder", f"layers_{i}"))
+    return table
+
+
+def siglip_model_table(model: SiglipModel) -> list[Entry]:
+    """The full HF <-> Flax table of a `SiglipModel` (both towers, logit scale and bias)."""
+    return (siglip_table(model.vision.num_layers, use_head=True, prefix="vision_model.", flax_prefix=("vision_model",))
+            + siglip_text_table(model.text.num_layers)
+            + [Entry("logit_scale", ("logit_scale",)), Entry("logit_bias", ("logit_bias",))])
+
+
+def load_siglip_model(path_or_hub_id, dtype=jnp.float32, param_dtype=None, attention_impl=None, mesh=None,
+                      rules=None):
+    """Loads an HF `SiglipModel` checkpoint (model_type 'siglip', both towers) into Flax, streaming.
+
+    Args: as `from_pretrained`.
+
+    Returns:
+      (model, params): a `SiglipModel` and its plain params tree.
+
+    Raises:
+      CheckpointError: not a SigLIP dual-encoder checkpoint, or its tensors do not match the config.
+    """
+    ckpt = loader.resolve_checkpoint(path_or_hub_id)
+    raw = loader.read_config(ckpt)
+    if raw.get("model_type") != "siglip":
+        raise CheckpointError(f"{ckpt} holds a {raw.get('model_type')!r} model, not a SigLIP dual encoder "
+                              f"(model_type 'siglip', an HF SiglipModel)")
+    from transformers import SiglipConfig  # lazy: heavy import
+
+    param_dtype = dtype if param_dtype is None else param_dtype
+    try:
+        model = SiglipModel.from_hf_config(SiglipConfig.from_dict(raw), dtype=dtype, param_dtype=param_dtype,
+                                           attention_impl=attention_impl)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt}: {e}") from None
+    abstract = stream.abstract_params(model)
+    shardings = None if mesh is None else stream.shardings_for(model, mesh, rules, abstract=abstract)
+    params = stream.load_table(siglip_model_table(model), stream.open_tensors(ckpt), abstract, ignore=IGNORE,
+                               shardings=shardings)
+    return model, params
+
+
+def siglip_model_config(model: SiglipModel):
+    """A `transformers.SiglipConfig` with the dual encoder's hyper-parameters."""
+    from transformers import SiglipConfig
+
+    t = model.text
+    text = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, hidden_act=t.hidden_act, layer_norm_eps=t.layer_norm_eps,
+                vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings,
+                projection_size=t.projection_size)
+    return SiglipConfig(text_config=text, vision_config=hf_config(model.vision).to_dict())
+
+
+def siglip_model_to_hf(model: SiglipModel, params, out_dir, *, dtype=None, config=None,
+                       extra_files=None) -> pathlib.Path:
+    """Writes a `SiglipModel` as an HF checkpoint (config.json + model.safetensors) atomically.
+
+    Args:
+      model: the module.
+      params: its params tree.
+      out_dir: destination; loadable by `transformers.SiglipModel.from_pretrained`.
+      dtype: tensor dtype in the file; None keeps the params'.
+      config: a `transformers.SiglipConfig` to write instead of the one derived from `model` (keeps token ids).
+      extra_files: more files (tokenizer, preprocessor_config.json ...).
+    """
+    tensors = loader.export_table(siglip_model_table(model), params, dtype=dtype)
+    d = (config or siglip_model_config(model)).to_dict()
+    d["architectures"] = ["SiglipModel"]
+    d["dtype"] = d["torch_dtype"] = str(np.dtype(tensors["logit_scale"].dtype))
     return loader.write_checkpoint(out_dir, tensors, d, extra_files)

@@ -8,7 +8,7 @@ never sees uint8 or PIL. Two transforms ship:
     resize with PIL bicubic, center crop, rescale by 1/255, normalise. Output sizes, crop offsets and the
     float arithmetic follow transformers' code line by line, so the two agree to the last bit.
 - `preprocess_image` + `image_settings`: the same PIL path for any supported HF image processor config
-    (CLIP-style shortest-edge + crop, SigLIP-style height x width), read from the checkpoint itself.
+    (CLIP-style shortest-edge + crop, SigLIP / ViT-style height x width), read from the checkpoint itself.
 - `augment`: torchvision's `RandomResizedCrop(size, scale=(0.5, 1), interpolation=BICUBIC)` +
     `RandomHorizontalFlip(0.5)` + `ToTensor` + `Normalize`, the cache augmentation of Tip-Adapter and
     DualAdapter. The crop-parameter sampler is torchvision's algorithm (10 tries, then a center-crop
@@ -206,18 +206,22 @@ def augment(image: ImageLike, rng: np.random.Generator, size: int = 224,
 
 
 # The image processors whose PIL path is reproduced here, with their class defaults for keys a config leaves out
-# (transformers 5's `CLIPImageProcessorPil` / `SiglipImageProcessorPil`; the Fast and plain names load the same
-# settings, and old CLIP checkpoints name a `CLIPFeatureExtractor`).
+# (transformers 5's `CLIPImageProcessorPil` / `SiglipImageProcessorPil` / `ViTImageProcessorPil`; the Fast and plain
+# names load the same settings, and old CLIP / ViT checkpoints name a `CLIPFeatureExtractor` / `ViTFeatureExtractor`).
 _PROCESSOR_DEFAULTS = {
     "clip": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
                  image_mean=CLIP_MEAN, image_std=CLIP_STD),
     "siglip": dict(size={"height": 224, "width": 224}, crop_size=None, do_center_crop=False,
                    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+    # ViT resizes bilinearly (google/vit-base-patch16-224-in21k's processor says resample=2 too).
+    "vit": dict(size={"height": 224, "width": 224}, crop_size=None, do_center_crop=False, resample=2,
+                image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
 }
 _PROCESSOR_TYPES = {f"{name}{suffix}": kind for name, kind in (("CLIPImageProcessor", "clip"),
-                                                                ("SiglipImageProcessor", "siglip"))
+                                                                ("SiglipImageProcessor", "siglip"),
+                                                                ("ViTImageProcessor", "vit"))
                     for suffix in ("", "Fast", "Pil")}
-_PROCESSOR_TYPES["CLIPFeatureExtractor"] = "clip"
+_PROCESSOR_TYPES.update(CLIPFeatureExtractor="clip", ViTFeatureExtractor="vit")
 _BICUBIC = 3
 
 
@@ -254,11 +258,11 @@ def _read_json(path: str) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def _size_dict(value, where: str, key: str) -> dict:
-    # transformers' get_size_dict(default_to_square=False), which both supported classes use: an int is the
-    # shortest edge; a crop size int is a square.
+def _size_dict(value, where: str, key: str, square: bool = False) -> dict:
+    # transformers' get_size_dict: CLIP and SigLIP read an int size as the shortest edge (default_to_square=False),
+    # ViT as a square (its class default, default_to_square=True); a crop size int is always a square.
     if isinstance(value, int):
-        return {"height": value, "width": value} if key == "crop_size" else {"shortest_edge": value}
+        return {"height": value, "width": value} if key == "crop_size" or square else {"shortest_edge": value}
     if isinstance(value, dict) and ("shortest_edge" in value and len(value) == 1 or
                                     {"height", "width"} == set(value)):
         return {k: int(v) for k, v in value.items()}
@@ -269,8 +273,9 @@ def _size_dict(value, where: str, key: str) -> dict:
 def image_settings(checkpoint_dir: str | os.PathLike) -> dict:
     """The preprocessing of a checkpoint's own HF image processor, as plain data (json-able, a cache key).
 
-    Supported: CLIPImageProcessor (shortest-edge resize + center crop) and SiglipImageProcessor (resize to
-    height x width, no crop), their Fast/Pil variants and CLIPFeatureExtractor; keys a config leaves out take the
+    Supported: CLIPImageProcessor (shortest-edge resize + center crop), SiglipImageProcessor and ViTImageProcessor
+    (resize to height x width, no crop; bicubic / bilinear by default), their Fast/Pil variants and the
+    CLIPFeatureExtractor / ViTFeatureExtractor of older checkpoints; keys a config leaves out take the
     class's defaults, as transformers does. Anything else is a UserError naming it.
 
     Returns:
@@ -292,7 +297,7 @@ def image_settings(checkpoint_dir: str | os.PathLike) -> dict:
             raise UserError(f"{where}: crop_size must be a height and width, got {d['crop_size']!r}")
         crop = [c["height"], c["width"]]
     return {
-        "resize": _size_dict(d["size"], where, "size") if d.get("do_resize", True) else None,
+        "resize": _size_dict(d["size"], where, "size", square=kind == "vit") if d.get("do_resize", True) else None,
         "crop": crop,
         "rescale": float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else None,
         "mean": [float(v) for v in d["image_mean"]] if d.get("do_normalize", True) else None,
@@ -321,19 +326,64 @@ def preprocess_image(image: ImageLike, settings: dict) -> np.ndarray:
             new_h, new_w = resize["height"], resize["width"]
         img = img.resize((new_w, new_h), resample=Image.Resampling(settings["resample"]))
     arr = np.asarray(img)
+    torchvision = settings.get("backend") == "torchvision"
     if settings["crop"] is not None:
         h, w = settings["crop"]
         if h != w:
             raise UserError(f"non-square center crops ({h}x{w}) are not supported")
-        arr = center_crop(arr, h)
+        arr = torchvision_center_crop(arr, h) if torchvision else center_crop(arr, h)
     x = arr
-    if settings["rescale"] is not None:
+    if torchvision:  # ToTensor: a float32 division by 255
+        x = arr.astype(np.float32) / np.float32(255)
+    elif settings["rescale"] is not None:
         # transformers rescales in float64 then casts to float32; normalise then runs in float32.
         x = (arr.astype(np.float64) * settings["rescale"]).astype(np.float32)
     x = x.astype(np.float32)
     if settings["mean"] is not None:
         x = _normalise(x, settings["mean"], settings["std"])
     return x
+
+
+def torchvision_center_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
+    """torchvision's `CenterCrop` on u8[H, W, C]: offsets round((H - c) / 2) (transformers floors), zero padding
+    split (c - H) // 2 before and the rest after when the image is smaller."""
+    height, width = image.shape[:2]
+    if height < crop_size or width < crop_size:
+        pad_h, pad_w = max(crop_size - height, 0), max(crop_size - width, 0)
+        image = np.pad(image, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+                       + ((0, 0),) * (image.ndim - 2))
+        height, width = image.shape[:2]
+    top, left = int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
+    return image[top:top + crop_size, left:left + crop_size]
+
+
+_OPEN_CLIP_RESAMPLE = {"bicubic": 3, "bilinear": 2}
+
+
+def open_clip_image_settings(preprocess_cfg: dict, image_size: int, where: str) -> dict:
+    """The eval transform of an open_clip checkpoint (open_clip_config.json's preprocess_cfg), as `image_settings`.
+
+    open_clip's `image_transform(is_train=False)` with resize_mode 'shortest' (its default): torchvision Resize of
+    the shortest edge (the same size rule and PIL filter as transformers), CenterCrop (rounded offsets), ToTensor
+    (float32 / 255), Normalize. One departure: open_clip converts to RGB after the crop and drops alpha; we
+    convert first and composite alpha onto white (`load_image`), so only transparent images differ.
+
+    Raises:
+      UserError: a resize_mode or interpolation other than shortest / bicubic|bilinear, or a non-int size.
+    """
+    cfg = dict(preprocess_cfg)
+    size = cfg.pop("size", image_size)
+    allowed = {"resize_mode": ("shortest",), "interpolation": tuple(_OPEN_CLIP_RESAMPLE), "mode": ("RGB",),
+               "fill_color": (0,)}
+    unsupported = {k: cfg[k] for k in allowed if k in cfg and cfg[k] not in allowed[k]}
+    unknown = sorted(set(cfg) - {"mean", "std", "resize_mode", "interpolation", "mode", "fill_color"})
+    if unsupported or unknown or not isinstance(size, int):
+        raise UserError(f"{where}: open_clip preprocess_cfg not supported: "
+                        f"{dict(unsupported, **{k: cfg[k] for k in unknown}) or {'size': size}}")
+    return {"resize": {"shortest_edge": size}, "crop": [size, size], "rescale": 1 / 255,
+            "mean": [float(v) for v in cfg.get("mean", CLIP_MEAN)], "std": [float(v) for v in cfg.get("std", CLIP_STD)],
+            "resample": _OPEN_CLIP_RESAMPLE[cfg.get("interpolation", "bicubic")], "convert_rgb": True,
+            "backend": "torchvision"}
 
 
 def preprocess_settings(checkpoint_dir: str | os.PathLike) -> dict:

@@ -85,3 +85,114 @@ def build_offline_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vo
                                    unk_token="<unk>", additional_special_tokens=[image_token])
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+# ----------------------------------------------------------------------------------------------------------
+# open_clip's SimpleTokenizer (CLIP's BPE), as HF CLIPTokenizer + open_clip's text cleaning.
+
+OPEN_CLIP_VOCAB = "bpe_simple_vocab_16e6.txt.gz"  # ships inside the open-clip-torch package
+
+
+def open_clip_vocab_path():
+    """The CLIP BPE merges file inside the installed open-clip-torch package, found without importing it (no torch)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("open_clip")
+    path = pathlib.Path(spec.origin).parent / OPEN_CLIP_VOCAB if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise CheckpointError(f"no CLIP BPE vocabulary: the checkpoint has no vocab.json + merges.txt and the "
+                              f"open-clip-torch package (which ships {OPEN_CLIP_VOCAB}) is not installed: "
+                              f"`pip install --no-deps open-clip-torch`, or copy vocab.json and merges.txt of "
+                              f"openai/clip-vit-base-patch32 into the checkpoint directory")
+    return path
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode char map (as in transformers).
+
+    Copied rather than imported: transformers moves it between modules across releases.
+    """
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _bpe_from_open_clip(path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) exactly as open_clip's SimpleTokenizer builds them from its merges file."""
+    import gzip
+
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    base = list(bytes_to_unicode().values())
+    tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+class OpenCLIPTokenizer:
+    """open_clip's `SimpleTokenizer()(texts, context_length)`: the same ids, 0-padded, EOT kept when truncating.
+
+    The BPE itself is HF's `CLIPTokenizer` (Rust); before it, each text gets open_clip's cleaning (ftfy.fix_text,
+    html.unescape twice, whitespace collapsed, stripped), which CLIPTokenizer lacks: without it, text with HTML
+    entities, curly quotes or mojibake tokenises differently.
+
+    Args:
+      checkpoint_dir: where to look for vocab.json + merges.txt first (None: only the packaged vocabulary).
+      context_length: L, open_clip's text_cfg.context_length (77).
+    """
+
+    def __init__(self, checkpoint_dir=None, context_length: int = 77):
+        import pathlib
+
+        from transformers import CLIPTokenizer
+
+        root = pathlib.Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if root is not None and (root / "vocab.json").is_file() and (root / "merges.txt").is_file():
+            import json
+            vocab = json.loads((root / "vocab.json").read_text())
+            merges = [tuple(m.split()) for m in (root / "merges.txt").read_text().splitlines()[1:] if m.strip()]
+            self.source = f"{root}/vocab.json + merges.txt"
+        else:
+            path = open_clip_vocab_path()
+            vocab, merges = _bpe_from_open_clip(path)
+            self.source = str(path)
+        self.hf = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+        # open_clip's word regex has no '<|startoftext|>' / '<|endoftext|>' alternatives: such literal text is split
+        # like any other (and the call passes split_special_tokens), so it is never read as the special tokens.
+        from tokenizers import Regex, pre_tokenizers
+        self.hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                                 behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        self.context_length = context_length
+        self.eot_id = vocab["<|endoftext|>"]
+        if self.eot_id != max(vocab.values()):
+            raise CheckpointError(f"{self.source}: <|endoftext|> must have the largest id (open_clip pools the text "
+                                  f"at the largest id), it has {self.eot_id} of {max(vocab.values())}")
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """open_clip's `_clean_lower` before lowercasing (CLIPTokenizer lowercases itself)."""
+        import html
+        import re
+
+        try:
+            import ftfy
+        except ImportError:
+            raise CheckpointError("open_clip's tokenizer needs ftfy: pip install ftfy") from None
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return re.sub(r"\s+", " ", text).strip()
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """N strings -> (input_ids i32[N, L] 0-padded, attention_mask i32[N, L])."""
+        if isinstance(texts, str):
+            raise TypeError("OpenCLIPTokenizer expects a sequence of strings, got one string")
+        enc = self.hf([self.clean(t) for t in texts], padding="max_length", truncation=True,
+                      max_length=self.context_length, return_tensors="np", split_special_tokens=True)
+        mask = enc["attention_mask"].astype(np.int32)
+        return np.where(mask > 0, enc["input_ids"], 0).astype(np.int32), mask

@@ -1,7 +1,9 @@
-"""SigLIP vision tower (Zhai et al. 2023) in Flax linen: a port of Hugging Face `SiglipVisionModel`.
+"""SigLIP (Zhai et al. 2023) in Flax linen: ports of Hugging Face `SiglipVisionModel` and `SiglipModel`.
 
-This is the image encoder of SigLIP-based LVLMs (LLaVA-Interleave, LLaVA-OneVision, PaliGemma).
-It reproduces `transformers.SiglipVisionModel` (modeling_siglip.py) in float32 to ~1e-6:
+`SiglipVisionTower` is the image encoder of SigLIP-based LVLMs (LLaVA-Interleave, LLaVA-OneVision,
+PaliGemma); `SiglipModel` is the dual encoder (vision tower + `SiglipTextTower` + the sigmoid
+loss's learnt logit scale and bias), a few-shot backbone like CLIP. The vision tower reproduces
+`transformers.SiglipVisionModel` (modeling_siglip.py) in float32 to ~1e-6:
 
   conv patch embedding (with bias) + learned positions (no class token, no pre-norm)
   -> N pre-LN encoder layers (the same blocks as CLIP's, reused from `vlm_jax.models.clip`)
@@ -24,6 +26,14 @@ i.e. without the `vision_model.` prefix; the converter adds prefixes):
   post_layernorm/{scale, bias}
   head/probe, head/attention/{in_proj, out_proj}/{kernel, bias}, head/layernorm, head/mlp/{fc1, fc2}
 
+The text tower (`SiglipTextModel`): token + learned position embeddings -> N encoder layers
+(CLIP's blocks, *bidirectional*: no causal mask) -> final_layer_norm -> `head` (Linear D -> P) on
+the *last* position, which is padding for short texts: SigLIP was trained on texts padded to 64
+tokens with no padding mask, so the pads are attended and the last pad's state is the embedding.
+Its tree: text_model/embeddings/{token_embedding, position_embedding}/embedding,
+text_model/encoder/layers_{i}/..., text_model/final_layer_norm, text_model/head/{kernel, bias};
+the dual encoder adds logit_scale f32[1] and logit_bias f32[1] (HF's shapes).
+
 Logical axis names: those of `vlm_jax.models.clip` ('embed', 'mlp', 'heads', 'kv', 'pos',
 'patch_h', 'patch_w', 'channels', 'norm'), plus 'qkv' (the 3 of the MAP head's fused q/k/v
 projection, kept fused because torch's nn.MultiheadAttention stores it so) and None on the
@@ -39,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.clip import MLP, Encoder, LayerNorm, TowerConfig
+from vlm_jax.models.clip import MLP, Encoder, LayerNorm, TowerConfig, _TextEmbeddings
 
 Dtype = Any
 
@@ -268,3 +278,127 @@ class SiglipVisionTower(nn.Module):
         """Dummy (pixel_values,) for `init` / `jax.eval_shape`."""
         c = self.cfg
         return (jnp.zeros((batch, c.image_size, c.image_size, c.num_channels), jnp.float32),)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipTextConfig(TowerConfig):
+    """Hyper-parameters of the text tower (a frozen view of HF's `SiglipTextConfig`).
+
+    `max_position_embeddings` is the length texts are padded to (64 for the released checkpoints);
+    `projection_size` the width of `head`'s output (HF defaults it to hidden_size).
+    """
+
+    vocab_size: int = 32000
+    max_position_embeddings: int = 64
+    projection_size: int = 768
+
+    @classmethod
+    def from_hf(cls, config) -> "SiglipTextConfig":
+        """From a `transformers.SiglipTextConfig`, a `SiglipConfig` (its text part) or their dicts."""
+        if isinstance(config, dict):
+            from transformers import SiglipTextConfig as HFConfig  # lazy: heavy import
+
+            config = HFConfig.from_dict(config.get("text_config", config))
+        else:
+            config = getattr(config, "text_config", config)
+        return cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                   num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                   hidden_act=config.hidden_act, layer_norm_eps=config.layer_norm_eps,
+                   vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
+                   projection_size=config.projection_size or config.hidden_size)
+
+
+class SiglipTextTower(nn.Module):
+    """HF `SiglipTextModel`: bidirectional encoder, pooled at the last position, then `head`."""
+
+    cfg: SiglipTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None):
+        """Encodes token ids.
+
+        Args:
+          input_ids: i32[B, L], L <= max_position_embeddings (SigLIP pads to exactly that).
+          attention_mask: i32[B, L] (1 = token, 0 = padding: those keys are masked, as HF does when it is
+            given one) or None: every position is attended, as SigLIP was trained.
+
+        Returns:
+          (pooled f32[B, P] = head(final_layer_norm output at position L - 1), last_hidden_state f32[B, L, D]).
+        """
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if input_ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} > max_position_embeddings "
+                             f"{c.max_position_embeddings}")
+        x = _TextEmbeddings(c, name="embeddings", **kw)(input_ids)
+        mask = None if attention_mask is None else (attention_mask[:, None, None, :] > 0)
+        x = Encoder(c, name="encoder", attention_impl=self.attention_impl, **kw)(x, mask)[-1]
+        x = LayerNorm(c.layer_norm_eps, name="final_layer_norm", **kw)(x)
+        pooled = nn.Dense(c.projection_size, kernel_init=_part(_default_kernel, "embed", "proj"),
+                          bias_init=_part(_zeros, "proj"), name="head", **kw)(x[:, -1])
+        return pooled, x
+
+
+class SiglipModel(nn.Module):
+    """HF `SiglipModel`: image and text towers, logit_scale and logit_bias.
+
+    The sigmoid logits are `exp(logit_scale) * cos(image, text) + logit_bias` (both stored as f32[1]).
+
+    Attributes:
+      vision: the vision tower's hyper-parameters (with its MAP head: the image embedding is its output).
+      text: the text tower's hyper-parameters.
+    """
+
+    vision: SiglipVisionConfig
+    text: SiglipTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @classmethod
+    def from_hf_config(cls, config, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                       attention_impl: str | None = None) -> "SiglipModel":
+        """From a `transformers.SiglipConfig` (or its dict)."""
+        vision = SiglipVisionConfig.from_hf(config)
+        if not vision.use_head:
+            raise ValueError("a SigLIP dual encoder needs the vision MAP head (vision_use_head=true): the image "
+                             "embedding is its output")
+        return cls(vision, SiglipTextConfig.from_hf(config), dtype=dtype, param_dtype=param_dtype,
+                   attention_impl=attention_impl)
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        self.vision_model = SiglipVisionTower(self.vision, **kw)
+        self.text_model = SiglipTextTower(self.text, **kw)
+        # HF initialises both from randn; the released checkpoints start from log(10) and -10.
+        self.logit_scale = self.param("logit_scale", _part(nn.initializers.constant(jnp.log(10.0)), None), (1,),
+                                      self.param_dtype)
+        self.logit_bias = self.param("logit_bias", _part(nn.initializers.constant(-10.0), None), (1,),
+                                     self.param_dtype)
+
+    def encode_image(self, pixel_values):
+        """f32[B, H, W, C] normalised NHWC images -> f32[B, P] (the MAP head's output, unnormalised)."""
+        return self.vision_model(pixel_values)[1]
+
+    def encode_text(self, input_ids, attention_mask=None):
+        """i32[B, L] ids (padded to max_position_embeddings), mask or None -> f32[B, P] (unnormalised)."""
+        return self.text_model(input_ids, attention_mask)[0]
+
+    def logit_params(self):
+        """(logit_scale f32[1], logit_bias f32[1]) as stored (apply exp to the scale)."""
+        return self.logit_scale, self.logit_bias
+
+    def __call__(self, pixel_values, input_ids, attention_mask=None):
+        """Returns the sigmoid logits f32[B_img, B_txt] of HF's `logits_per_image`; creates every param."""
+        img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+        img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+        txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+        return (img @ txt.T) * jnp.exp(self.logit_scale) + self.logit_bias
+
+    def init_inputs(self, batch: int = 1):
+        """Dummy (pixel_values, input_ids) for `init` / `jax.eval_shape`."""
+        v, t = self.vision, self.text
+        return (jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32),
+                jnp.zeros((batch, t.max_position_embeddings), jnp.int32))

@@ -22,10 +22,10 @@ import numpy as np
 from absl import logging
 
 from vlm_jax import config_utils, errors
-from vlm_jax.convert import clip as clip_convert
+from vlm_jax.convert import dual_encoder
 from vlm_jax.data import datasets_meta as meta
 from vlm_jax.data import features as feats
-from vlm_jax.data import fewshot, preprocess, tokenize
+from vlm_jax.data import fewshot, preprocess
 from vlm_jax.eval import report
 from vlm_jax.methods import fewshot_registry
 from vlm_jax.programs import fewshot_methods, fewshot_realistic, runner
@@ -80,20 +80,22 @@ def training_subsets(config, train, shots: int, seed: int) -> tuple[list[fewshot
 # Features.
 
 class Backbone:
-    """The frozen CLIP with jitted, sharded encoders and the host-side image transforms.
+    """The frozen dual encoder (HF CLIP, HF SigLIP or open_clip: `dual_encoder.load_dual_encoder`) with jitted,
+    sharded encoders and the host-side image transforms.
 
     Weights and tokenizer load on first use: a rerun whose features are all cached never reads them.
     """
 
     def __init__(self, checkpoint_dir: str, dtype: str, mesh: jax.sharding.Mesh):
         self.dir, self.dtype, self.mesh = checkpoint_dir, jnp.dtype(dtype), mesh
-        self.pp = preprocess.preprocess_settings(checkpoint_dir)
+        self.enc = dual_encoder.load_dual_encoder(checkpoint_dir, self.dtype)
+        self.pp = self.enc.image_settings
         self.fingerprint = feats.checkpoint_fingerprint(checkpoint_dir)
 
     @functools.cached_property
     def _loaded(self):
-        model, params = clip_convert.from_pretrained(self.dir, dtype=self.dtype)
-        logging.info("loaded CLIP from %s", self.dir)
+        model, params = self.enc.model, self.enc.params
+        logging.info("loaded %s", dual_encoder.describe(self.enc))
         return model, jax.device_put(params, mesh_lib.replicated(self.mesh))
 
     @property
@@ -103,10 +105,6 @@ class Backbone:
     @property
     def params(self):
         return self._loaded[1]
-
-    @functools.cached_property
-    def tokenizer(self):
-        return tokenize.load_tokenizer(self.dir)
 
     @functools.cached_property
     def encode_image(self):
@@ -119,20 +117,19 @@ class Backbone:
         return jax.jit(lambda p, t: model.apply({"params": p}, t[:, 0], t[:, 1], method=model.encode_text))
 
     def eval_transform(self, ex: fewshot.Example) -> np.ndarray:
-        return preprocess.clip_preprocess(preprocess.load_image(ex.array if ex.array is not None else ex.path),
-                                          **self.pp)
+        return preprocess.preprocess_image(ex.array if ex.array is not None else ex.path, self.pp)
 
     def augment_transform(self, item: tuple[fewshot.Example, tuple[int, ...]]) -> np.ndarray:
         # One generator per (seed, pass, image): deterministic whatever the thread-pool order.
         ex, seed = item
         img = preprocess.load_image(ex.array if ex.array is not None else ex.path)
-        return preprocess.augment(img, np.random.default_rng(list(seed)), size=self.pp["crop_size"],
+        return preprocess.augment(img, np.random.default_rng(list(seed)), size=self.enc.image_size,
                                   mean=self.pp["mean"], std=self.pp["std"])
 
     def text_classifier(self, prompts_per_class: list[list[str]], batch_size: int) -> np.ndarray:
         """f32[C, D]: per class, the normalised mean of the normalised prompt embeddings."""
         flat = [p for ps in prompts_per_class for p in ps]
-        ids, mask = tokenize.tokenize(self.tokenizer, flat, self.model.text.max_position_embeddings)
+        ids, mask = self.enc.tokenize(flat)
         rows = np.stack([ids, mask], axis=1)  # i32[N, 2, L]: one item per prompt for map_batches
         emb = feats.l2_normalize(feats.map_batches(self.encode_text, self.params, rows, lambda r: r,
                                                    batch_size=batch_size, mesh=self.mesh, desc="text"))

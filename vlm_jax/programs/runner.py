@@ -25,7 +25,8 @@ from vlm_jax.testing import replicas
 
 def resolve_checkpoint(spec: str, config_file: str | None, texts: Sequence[str] = ()) -> str:
     """A checkpoint directory for a config's `spec`: a local directory, a hub id in the local HF cache, or an
-    offline checkpoint ('replica:<name>', 'builtin:tiny-clip'; `testing.replicas.resolve_offline`) written into the
+    open_clip directory, or an offline checkpoint ('replica:<name>', 'builtin:tiny-clip';
+    `testing.replicas.resolve_offline`) written into the
     cache (`runtime.cache.models_dir`), its tokenizer trained on `texts`.
 
     Raises:
@@ -34,6 +35,10 @@ def resolve_checkpoint(spec: str, config_file: str | None, texts: Sequence[str] 
     """
     if replicas.is_offline_spec(spec):
         return replicas.resolve_offline(spec, cache.models_dir(), texts)
+    from vlm_jax.convert import open_clip as open_clip_convert
+
+    if os.path.isdir(os.path.expanduser(spec)) and open_clip_convert.is_open_clip_dir(os.path.expanduser(spec)):
+        return os.path.expanduser(spec)   # open_clip's layout (open_clip_config.json, no config.json)
     try:
         return str(hub.resolve_checkpoint(spec))
     except errors.UserError as e:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from vlm_jax.testing import replicas_internvl
 from vlm_jax.testing.common import BASE_CORPUS as _BASE_CORPUS, random_params  # noqa: F401 (re-exported)
 from vlm_jax.testing.replicas_qwen2_vl import QWEN2_VL_2B
+from vlm_jax.testing import replicas_vision
 
 # llava-hf/llava-1.5-7b-hf's chat_template.json.
 LLAVA15_CHAT_TEMPLATE = (
@@ -99,6 +100,7 @@ REPLICAS: dict = {  # name -> Replica (LLaVA), or another family's replica (with
         chat_template=CHATML_IMAGE_TEMPLATE, tie_word_embeddings=True),
     **replicas_internvl.REPLICAS,  # internvl3-1b, internvl2-2b: transformers' internvl format, their own writer
     "qwen2-vl": QWEN2_VL_2B,  # Qwen/Qwen2-VL-2B-Instruct (vlm_jax.testing.replicas_qwen2_vl)
+    **replicas_vision.REPLICAS,  # the dual encoders' and ViT's (rn50-openclip, vit-b16-in21k, siglip-base)
 }
 
 
@@ -187,6 +189,8 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
 
     if name not in REPLICAS:
         raise KeyError(f"unknown replica {name!r}; known: {', '.join(REPLICAS)}")
+    if isinstance(REPLICAS[name], replicas_vision.VisionReplica):
+        return REPLICAS[name].write(out_dir, corpus, seed=seed)
     if layout not in ("hub", "transformers5"):
         raise ValueError(f"layout must be 'hub' or 'transformers5', got {layout!r}")
     r = REPLICAS[name]
@@ -271,6 +275,8 @@ def resolve_offline(spec: str, models_dir: str, texts: Sequence[str] = ()) -> st
         raise UserError("model.checkpoint='builtin:tiny-llava' was replaced by the offline replicas of the real "
                         "checkpoints: use 'replica:llava-1.5' or 'replica:llava-interleave-qwen'")
     name = spec[len(REPLICA_PREFIX):] if spec.startswith(REPLICA_PREFIX) else None
+    if isinstance(REPLICAS.get(name), replicas_vision.VisionReplica):  # dual encoders / ViT: no tokenizer corpus
+        return str(replicas_vision.cached_replica(name, models_dir))
     if name not in REPLICAS:
         raise UserError(f"unknown offline checkpoint {spec!r}; known: "
                         f"{', '.join([TINY_CLIP] + [REPLICA_PREFIX + n for n in REPLICAS])}")
