@@ -11,6 +11,15 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_
 _USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [_USER_XLA_FLAGS, *FAST_COMPILE_FLAGS]))
 
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers (they inherit this
+# environment) and every child process the tests start: the suite launches the same programs many times (each
+# :runlocal variant, each kill / resume pair of the fault tests), and each would otherwise compile its steps again.
+# Results are unaffected: a cached executable is the one the same compile would produce.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlm_jax-test-xla-cache-")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
