@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_NEG = -1e9  # the finite "-inf" of vlm_jax.methods.discriminative / tsm
+_NEG = -1e9  # the finite "-inf" of vlm_jax.methods.vladva / tsm
 
 
 def tensor(x, device="cpu", dtype=None) -> torch.Tensor:
@@ -173,14 +173,14 @@ def replace_span(embeds, start, prompt):
 
 
 def last_token(hidden, mask):
-    """`discriminative.last_token_embedding`."""
+    """`vladva.last_token_embedding`."""
     length = mask.shape[1]
     last = length - 1 - torch.argmax(torch.flip(mask, [1]).gt(0).int(), dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
 
 
 def next_token_loss(logits, ids, loss_mask):
-    """`discriminative.next_token_loss` (mean -log p over the target tokens of the batch)."""
+    """`vladva.next_token_loss` (mean -log p over the target tokens of the batch)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -torch.gather(logp, -1, ids[:, 1:, None])[..., 0]
     mask = loss_mask[:, 1:] > 0
@@ -188,7 +188,7 @@ def next_token_loss(logits, ids, loss_mask):
 
 
 def info_nce(img, txt, temperature: float, valid):
-    """`discriminative.info_nce` (symmetric InfoNCE on cosine similarities, padded pairs masked out)."""
+    """`vladva.info_nce` (symmetric InfoNCE on cosine similarities, padded pairs masked out)."""
     img = F.normalize(img.float(), dim=-1, eps=1e-6)
     txt = F.normalize(txt.float(), dim=-1, eps=1e-6)
     logits = img @ txt.T / temperature
@@ -201,7 +201,7 @@ def info_nce(img, txt, temperature: float, valid):
 
 def discriminative_loss(hf, b: dict, image_prompt, text_prompt, *, image_token_id: int, temperature: float,
                         ntp_weight: float = 1.0):
-    """`discriminative.make_loss_fn`'s loss: InfoNCE(image, short-caption embeddings) + NTP(long captions)."""
+    """`vladva.make_loss_fn`'s loss: InfoNCE(image, short-caption embeddings) + NTP(long captions)."""
     emb = replace_span(embed_multimodal(hf, b["image_ids"], b["pixel_values"], image_token_id),
                        b["image_prompt_start"], image_prompt)
     img = last_token(hidden_states(hf, emb, b["image_mask"]), b["image_mask"])

@@ -92,7 +92,7 @@ import torch_reference as ref  # noqa: E402
 from vlm_jax.convert import clip as clip_convert  # noqa: E402
 from vlm_jax.convert import llava as llava_convert  # noqa: E402
 from vlm_jax.convert import loader  # noqa: E402
-from vlm_jax.methods import discriminative as disc  # noqa: E402
+from vlm_jax.methods import vladva as disc  # noqa: E402
 from vlm_jax.methods import dualadapter  # noqa: E402
 from vlm_jax.methods import tsm as tsm_lib  # noqa: E402
 from vlm_jax.methods import vitask  # noqa: E402
@@ -395,7 +395,7 @@ def discriminative_case(args) -> Case:
               "image_prompt": peft.soft_prompt_init(table, jnp.asarray(img_prompt)),
               "text_prompt": peft.soft_prompt_init(table, jnp.asarray(txt_prompt))}
     loss_fn = disc.make_loss_fn(model, lora_alpha=float(r), lora_rank=r, lora_impl=args.lora)
-    groups = [("lora/.*", 1.0), ("(image|text)_prompt", 1.0)]  # configs/discriminative.py
+    groups = [("lora/.*", 1.0), ("(image|text)_prompt", 1.0)]  # configs/vladva.py
     run, fl, comp, n = jax_step_of(loss_fn, params, groups, adamw(1e-4), to_jax(batch))
 
     tstep = None

@@ -100,7 +100,7 @@ def get_config(arg=None):
         shots=arg.shots,
         seed=arg.seed,
         augment_epoch=10,               # cache keys = mean over this many augmented passes
-        batch_size=128,                 # feature extraction
+        eval_batch_size=128,            # feature extraction (the frozen encoders)
         max_eval_examples=0,            # 0: all; >0 caps val/test (quick looks only)
         # Test-only sets evaluated with the adapted model, e.g. with dataset=imagenet:
         # "imagenetv2,imagenet_sketch,imagenet_a,imagenet_r" (domain generalisation).
@@ -159,7 +159,7 @@ def get_config(arg=None):
         c.model.checkpoint = "builtin:tiny-clip"
         c.data.shots = min(arg.shots, 4)
         c.data.augment_epoch = 2
-        c.data.batch_size = 32
+        c.data.eval_batch_size = 32
         c.sweep.shots, c.sweep.seeds = (1, 2, 4), (1, 2)
         c.realistic.folds = 2
         # A random text tower: its logits (100 x cosine) swamp a cache weighted by the presets' alpha < 3, so the

@@ -21,14 +21,16 @@ from vlm_jax import config_utils
 
 def get_config(arg=None):
     arg = config_utils.parse_arg(arg, runlocal=False)
-    from vlm_jax.methods import discriminative as disc
+    from vlm_jax.methods import vladva as disc
 
     c = ml_collections.ConfigDict()
     c.program = "vitask"
     c.rng_seed = 0
     # dtype: compute dtype ('bfloat16' on GPU/TPU); param_dtype: storage of the frozen LLaVA ('' = dtype). LoRA,
     # the connector and the TSM train as float32 master weights whatever these say.
-    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="")
+    # chat_template: '' = the checkpoint's own (what its HF processor renders), or a Jinja template / a format with
+    # one '{}' for the user turn ('USER: {} ASSISTANT:') for a checkpoint without one.
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="", chat_template="")
     # name: one dataset or a comma-separated list trained jointly (`data.vitask_tasks`): a MedMNIST 2D name
     # (official npz in `root`; chestmnist is multi-label), 'folder:<path>' (<path>/{train,val,test}/<class>/*.png,
     # val optional; class = folder name, '_' -> ' '), 'builtin' (the 10 toy photos) or 'builtin_a' / 'builtin_b'
@@ -40,10 +42,8 @@ def get_config(arg=None):
     # modality: the word in image-folder datasets' instruction ('Analyze the given {modality} image. ...');
     # no_finding: a multi-label sample's answer when it has no positive label ('normal' -> 'normal.');
     # full_instruction=False: the paper's incomplete-instruction variant (no label set in the instruction);
-    # chat_template: '' = the checkpoint's own (what its HF processor renders), or a Jinja template / a format with
-    # one '{}' for the user turn ('USER: {} ASSISTANT:') for a checkpoint without one.
     c.data = dict(name="dermamnist", root="", size=0, test_limit=0, train_limit=0, val_limit=0, eval_batch_size=8,
-                  chat_template="", full_instruction=True, modality="medical",
+                  full_instruction=True, modality="medical",
                   no_finding="normal")
     # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
     # accum_steps: gradient accumulation (the batch in accum_steps microbatches); checkpoint_every_steps: besides

@@ -53,6 +53,12 @@ def _one_line(e: BaseException) -> str:
 
 def _parse_flags(argv):
     """absl's parser, with a bad flag (unknown config key, bad argument string) reported as one line, exit 2."""
+    from vlm_jax import config_utils
+
+    renamed = config_utils.renamed_flag(argv[1:])
+    if renamed:
+        print(f"error: {renamed}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # config_flags raises AttributeError/KeyError/ValueError, absl flags.Error

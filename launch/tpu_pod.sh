@@ -2,7 +2,7 @@
 # Runs launch/main.py on every worker of a Cloud TPU VM pod slice (e.g. v4-32: 4 hosts x 4 chips).
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
-#       --config=configs/discriminative.py --workdir=/mnt/shared/runs/vladva [--config.mesh.fsdp=-1 ...]
+#       --config=configs/vladva.py --workdir=/mnt/shared/runs/vladva [--config.mesh.fsdp=-1 ...]
 #
 # Every argument goes to main.py unchanged, on every worker. Steps (each can be skipped, see below):
 #   1. sync: this checkout (tracked and untracked-but-not-ignored files, no .git) is copied to ~/$REPO_DIR

@@ -2,7 +2,7 @@
 
   python tests/mesh_child.py METHOD
 
-For METHOD in {dualadapter, tsm, discriminative, vitask}: builds the method's real loss function on a tiny random
+For METHOD in {dualadapter, tsm, vladva, vitask}: builds the method's real loss function on a tiny random
 model, trains 2 steps with `trainer.fit` on 1 device and under each mesh of MESHES (the model's parameters laid
 out by their logical axes, `mesh.shard_params`), and checks the per-step losses and the updated trainable
 parameters against the 1-device run. Prints OK on success.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 from vlm_jax.methods import dualadapter, tsm, vitask
 from vlm_jax.models import clip as clip_lib
 from vlm_jax.models import llava as llava_lib
@@ -100,7 +100,7 @@ def setup_tsm(rng):
     return tsm.make_loss_fn(model), params, list(tsm.PARAM_GROUPS), batches, place, "tower/.*/fc1/kernel"
 
 
-def setup_discriminative(rng):
+def setup_vladva(rng):
     model, base = _llava()
     t = model.cfg.tokens_per_image
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
@@ -174,7 +174,7 @@ def main():
              for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(trainer.partition(
                  params, trainer.param_labels(params, groups))[0]))]
     assert max(moved) > 1e-4, "the steps did not change the parameters: nothing would be compared"
-    for shape in (LVLM_MESHES if method in ("discriminative", "vitask") else MESHES):
+    for shape in (LVLM_MESHES if method in ("vladva", "vitask") else MESHES):
         mesh = mesh_lib.make_mesh(shape)
         fit, placed = run(mesh)
         # The layout really is sharded: a weight named by `sharded_path` spans several devices under fsdp/tensor.

@@ -33,7 +33,7 @@ def _run(tmp_path, env, *args):
 
 
 def test_vladva_on_the_qwen_replica(tmp_path, qwen_replica, optimized_env):
-    out = _run(tmp_path, optimized_env, "--config=configs/discriminative.py",
+    out = _run(tmp_path, optimized_env, "--config=configs/vladva.py",
                f"--config.model.checkpoint={qwen_replica}",
                "--config.data.name=builtin", "--config.clip_checkpoint=", "--config.data.train_limit=16",
                "--config.train.batch_size=8", "--config.data.batch_size=10")

@@ -69,7 +69,7 @@ def test_bad_specs(tokens):
 def test_runlocal_trains_and_evaluates(tmp_path, optimized_env):
     env = dict(optimized_env, VLM_JAX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
-                           "--config=configs/discriminative.py:runlocal", f"--workdir={tmp_path / 'run'}"],
+                           "--config=configs/vladva.py:runlocal", f"--workdir={tmp_path / 'run'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.load(open(tmp_path / "run" / "results.json"))
@@ -86,15 +86,15 @@ def test_runlocal_trains_and_evaluates(tmp_path, optimized_env):
 def test_long_captions_capped_at_long_caption_max_tokens(tokens):
     """data.long_caption_max_tokens (the paper: long captions of 30-500 tokens) bounds the long row; a longer
     caption is cut to it, a shorter one sets the length itself."""
-    from vlm_jax.programs import lvlm_embed
+    from vlm_jax.programs import vladva as vladva_program
 
     long, short = "a dog on the grass " * 8, "a photo of a cat."
     n_image = len(tokens.image_row()[0])
     full = len(tokens.fmt.answer_ids(IMAGE_PROMPT, True, long))
     dc = lambda cap: ml_collections.ConfigDict(dict(long_caption_max_tokens=cap, long_len=0))
     assert full > 10
-    assert lvlm_embed.check_lengths(tokens, dc(10), [long, short]) == n_image + 10
-    assert lvlm_embed.check_lengths(tokens, dc(500), [long, short]) == n_image + full
+    assert vladva_program.check_lengths(tokens, dc(10), [long, short]) == n_image + 10
+    assert vladva_program.check_lengths(tokens, dc(500), [long, short]) == n_image + full
     capped = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=n_image + 10))
     ids, mask = capped.long_row(long)
     assert len(ids) == n_image + 10 and sum(mask) == 10
@@ -105,12 +105,12 @@ def test_long_captions_capped_at_long_caption_max_tokens(tokens):
     (["--config.data.long_len=100"], "data.long_len=100 cannot hold the 590 tokens of the image prompt (576 image "
                                      "tokens) and a caption: use data.long_len="),
     (["--config.train.epochs=0"], "--config.train.epochs=0 is out of range"),
-    (["--config.method.chat_template=USER: ASSISTANT:"], "neither a Jinja template nor a format with one '{}'"),
+    (["--config.model.chat_template=USER: ASSISTANT:"], "neither a Jinja template nor a format with one '{}'"),
 ])
 def test_bad_values_are_one_line_before_any_work(tmp_path, overrides, message):
     env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
-                           "--config=configs/discriminative.py:runlocal", f"--workdir={tmp_path / 'run'}", *overrides],
+                           "--config=configs/vladva.py:runlocal", f"--workdir={tmp_path / 'run'}", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

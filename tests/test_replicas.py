@@ -16,7 +16,7 @@ from PIL import Image
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader
 from vlm_jax.data import chat, pairs, preprocess, tokenize, vitask_tasks
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 from vlm_jax.testing import replicas
 
 torch = pytest.importorskip("torch")

@@ -106,6 +106,22 @@ def test_bad_input_is_one_line_and_no_results(tmp_path, arg, override, expected)
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--config=configs/discriminative.py:runlocal"], "configs/discriminative.py was renamed to configs/vladva.py: "
+                                                      "use --config=configs/vladva.py:runlocal"),
+    (["--config=configs/vladva.py:runlocal", "--config.method.microbatches=2"],
+     "--config.method.microbatches was renamed to --config.train.grad_cache_chunks"),
+    (["--config=configs/dualadapter.py:runlocal", "--config.data.batch_size=8"],
+     "--config.data.batch_size was renamed to --config.data.eval_batch_size"),
+])
+def test_renamed_keys_and_configs_are_one_line(tmp_path, flags, message):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), *flags, f"--workdir={tmp_path}/w"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
 def test_bad_config_argument_and_missing_config_file(tmp_path):
     proc = _launch(str(tmp_path / "bad"), arg="runlocl")
     assert proc.returncode == 2 and "unknown config argument 'runlocl'" in proc.stderr.strip().splitlines()[-1]

@@ -84,16 +84,16 @@ def test_tfds_caption_errors(tmp_path):
         tfds_caption_pairs("no_such_captions_xyz", tmp_path)
 
 
-def test_lvlm_embed_reads_tfds(tmp_path):
-    from configs import discriminative
-    from vlm_jax.programs import lvlm_embed
+def test_vladva_reads_tfds(tmp_path):
+    from configs import vladva
+    from vlm_jax.programs import vladva as vladva_program
     name = _tiny_caption_tfds(tmp_path)
-    dc = discriminative.get_config().data
+    dc = vladva.get_config().data
     dc.name, dc.retrieval_json, dc.tfds_data_dir = f"tfds:{name}", f"tfds:{name}", str(tmp_path)
-    train, extra = lvlm_embed.load_pairs(dc)
+    train, extra = vladva_program.load_pairs(dc)
     assert extra == [] and sorted(s for _, s, _ in train) == ["a blue square.", "a red square."]
     settings = {"resize": {"shortest_edge": 4}, "crop": [4, 4], "rescale": 1 / 255, "mean": [0.5] * 3,
                 "std": [0.5] * 3, "resample": 3, "convert_rgb": True}  # `preprocess.image_settings` form
-    assert lvlm_embed._load(train[0][0], settings).shape == (4, 4, 3)
-    images, captions, c2i = lvlm_embed.build_suite(dc).retrieval
+    assert vladva_program._load(train[0][0], settings).shape == (4, 4, 3)
+    images, captions, c2i = vladva_program.build_suite(dc).retrieval
     assert len(images) == 2 and len(captions) == 5 and c2i.tolist() == sorted(c2i.tolist())

@@ -126,7 +126,7 @@ def test_make_mesh_errors():
 def test_bf16_compute_with_float32_master_weights():
     """A bf16 LLaVA (compute and frozen storage) trains float32 LoRA / prompts; its loss tracks float32's."""
     transformers = pytest.importorskip("transformers")
-    from vlm_jax.methods import discriminative as disc
+    from vlm_jax.methods import vladva as disc
     from vlm_jax.models import llava as llava_lib
     from vlm_jax.models import peft
 

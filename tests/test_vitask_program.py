@@ -10,7 +10,7 @@ import pytest
 from vlm_jax.data import chat, fewshot, medmnist, tokenize, vitask_tasks
 from vlm_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from vlm_jax.eval import lvlm_classify
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 from vlm_jax.methods import vitask
 from vlm_jax.models import llava as llava_lib
 from vlm_jax.models import peft

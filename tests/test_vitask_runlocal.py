@@ -46,8 +46,8 @@ def test_vitask_runlocal(tmp_path, optimized_env):
 @pytest.mark.parametrize("config, override", [
     ("configs/vitask.py:runlocal", "--config.model.checkpoint=/nonexistent/llava"),
     ("configs/vitask.py:runlocal", "--config.tsm.checkpoint=/nonexistent/clip"),
-    ("configs/discriminative.py:runlocal", "--config.model.checkpoint=/nonexistent/llava"),
-    ("configs/discriminative.py:runlocal", "--config.clip_checkpoint=/nonexistent/clip"),
+    ("configs/vladva.py:runlocal", "--config.model.checkpoint=/nonexistent/llava"),
+    ("configs/vladva.py:runlocal", "--config.clip_checkpoint=/nonexistent/clip"),
 ])
 def test_missing_checkpoint_is_one_line_before_any_work(tmp_path, config, override):
     workdir = tmp_path / "run"

@@ -59,3 +59,30 @@ def check_ranges(config: ml_collections.ConfigDict, minimums: dict[str, float],
         value = get(key)
         if value not in allowed:
             raise UserError(f"--config.{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+# Keys and config files that were renamed (one word for one thing across the configs): the old name is refused
+# in one line that names the new one, before absl's generic "unknown key".
+RENAMED_KEYS = {
+    "method.microbatches": "train.grad_cache_chunks",
+    "method.chat_template": "model.chat_template",
+    "data.chat_template": "model.chat_template",
+    "data.batch_size": "data.eval_batch_size",
+}
+RENAMED_CONFIGS = {"configs/discriminative.py": "configs/vladva.py"}
+
+
+def renamed_flag(argv) -> str | None:
+    """The one-line message for the first command-line flag that uses a renamed key or config file, else None."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            path = arg[len("--config="):].split(":", 1)[0]
+            for old, new in RENAMED_CONFIGS.items():
+                if path == old or path.endswith("/" + old):
+                    return f"{old} was renamed to {new}: use --config={new}{arg[len('--config=') + len(path):]}"
+        elif arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key in RENAMED_KEYS:
+                return f"--config.{key} was renamed to --config.{RENAMED_KEYS[key]}"
+    return None
+

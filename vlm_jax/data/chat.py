@@ -66,7 +66,7 @@ def load_chat_template(checkpoint_dir: str | os.PathLike, override: str = "", to
     if isinstance(got, str) and got:
         return got
     raise UserError(f"{root} has no chat template (chat_template.jinja / .json, processor_config.json, "
-                    f"tokenizer_config.json): set one, e.g. --config.data.chat_template='USER: {{}} ASSISTANT:'")
+                    f"tokenizer_config.json): set one, e.g. --config.model.chat_template='USER: {{}} ASSISTANT:'")
 
 
 def image_token(checkpoint_dir: str | os.PathLike) -> str:
@@ -123,7 +123,7 @@ class ChatFormat:
         gen, full = self.render("q", False), self.render("q", False, answer=probe)
         if not full.startswith(gen) or probe not in full[len(gen):]:
             raise UserError("cannot tell from the chat template where an answer goes (a conversation with the "
-                            "answer does not extend the generation prompt); set data.chat_template explicitly")
+                            "answer does not extend the generation prompt); set model.chat_template explicitly")
         return full[len(gen):full.index(probe, len(gen))]
 
     # --------------------------------------------------------------------------------------------- tokenizing
@@ -159,7 +159,7 @@ class ChatFormat:
         full = self.encode(rendered + self.answer_sep + answer + (self.eos_text if eos else ""))[0]
         if full[:len(head)] != head:
             raise UserError(f"the tokenizer merges the answer {answer!r} into the prompt's last token; "
-                            "set data.chat_template so that the prompt ends on a token boundary")
+                            "set model.chat_template so that the prompt ends on a token boundary")
         return full[len(head):]
 
 

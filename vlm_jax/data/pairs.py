@@ -1,4 +1,4 @@
-"""Image-text pairs -> fixed-shape token batches for the discriminative method (`methods/discriminative`).
+"""Image-text pairs -> fixed-shape token batches for the discriminative method (`methods/vladva`).
 
 Every prompt is what the checkpoint's own processor feeds the model (`data.chat`): the user turn rendered with
 the chat template and tokenized whole, the image placeholder expanded to the image tokens. The span that a soft
@@ -146,7 +146,7 @@ def split_captions(tokens: Tokens, captions: Sequence[str | None]) -> tuple[str 
 
 def train_batch(tokens: Tokens, images: np.ndarray, shorts: Sequence[str | None],
                 longs: Sequence[str | None]) -> dict[str, np.ndarray]:
-    """The batch layout of `discriminative.make_loss_fn` for B samples (a missing caption is None).
+    """The batch layout of `vladva.make_loss_fn` for B samples (a missing caption is None).
 
     Args:
       images: f32[B, H, W, 3] preprocessed images.
@@ -171,7 +171,7 @@ def train_batch(tokens: Tokens, images: np.ndarray, shorts: Sequence[str | None]
 
 
 def image_batch(tokens: Tokens, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs of `discriminative.image_embedding` for f32[B, H, W, 3] images."""
+    """Inputs of `vladva.image_embedding` for f32[B, H, W, 3] images."""
     ids, start = tokens.image_row()
     image_ids, image_mask = _pad([ids] * len(images), len(ids), tokens.pad)
     return {"input_ids": image_ids, "attention_mask": image_mask, "pixel_values": np.asarray(images, np.float32),
@@ -179,7 +179,7 @@ def image_batch(tokens: Tokens, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def text_batch(tokens: Tokens, captions: Sequence[str]) -> dict[str, np.ndarray]:
-    """Inputs of `discriminative.text_embedding` for B captions."""
+    """Inputs of `vladva.text_embedding` for B captions."""
     rows = [tokens.text_row(c) for c in captions]
     ids, mask = _pad([r[0] for r in rows], tokens.spec.text_len, tokens.pad)
     return {"input_ids": ids, "attention_mask": mask, "prompt_start": np.array([r[1] for r in rows], np.int32)}

@@ -4,7 +4,7 @@ Exemplar prompting (EP): the frozen TSM's CLS feature f32[B, Dt] goes through a 
 (`ExemplarConnector`) to one LM-width token, inserted right after the image tokens (`insert_exemplar`). The LVLM
 is run twice per sample with one set of weights: a plain pass (image + instruction -> answer) and an exemplar
 pass (image + exemplar + instruction -> answer). Losses, all on answer tokens only, teacher-forced, with the
-shift convention of `discriminative.next_token_loss` (logits at position t predict token t + 1):
+shift convention of `vladva.next_token_loss` (logits at position t predict token t + 1):
 
     L_van = answer_nll(plain_logits, ids, answer_mask)
     L_ep  = answer_nll(ep_logits, ep_ids, ep_answer_mask)         # or the aligned logits with ids / answer_mask
@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft
 
 Dtype = jnp.dtype

@@ -146,12 +146,12 @@ def text_features(bb: Backbone, ds: fewshot.FewShotDataset, dc, template_sets, c
     prompts = {f"template/{t}": ds.templates_of(t) for t in sorted(set(template_sets))}
 
     def compute():
-        out = {k: bb.text_classifier([[t.format(c) for t in ts] for c in ds.classnames], dc.batch_size)
+        out = {k: bb.text_classifier([[t.format(c) for t in ts] for c in ds.classnames], dc.eval_batch_size)
                for k, ts in prompts.items()}
         out["negative"] = bb.text_classifier([[t.format(c) for t in ds.negative_templates] for c in ds.classnames],
-                                             dc.batch_size)
+                                             dc.eval_batch_size)
         if ds.cupl_prompts is not None:
-            out["cupl"] = bb.text_classifier(ds.cupl_prompts, dc.batch_size)
+            out["cupl"] = bb.text_classifier(ds.cupl_prompts, dc.eval_batch_size)
         return out
     key = _key(bb, dc, kind="text", classnames=ds.classnames, templates=prompts,
                negative=ds.negative_templates, cupl=ds.cupl_prompts)
@@ -167,7 +167,7 @@ def eval_features(bb: Backbone, examples, dc, split: str, cache_dir, cap: bool =
         # An even stride, not a prefix: splits are often sorted by class.
         examples = examples[::-(-len(examples) // dc.max_eval_examples)]
     def compute():
-        f = feats.map_batches(bb.encode_image, bb.params, examples, bb.eval_transform, batch_size=dc.batch_size,
+        f = feats.map_batches(bb.encode_image, bb.params, examples, bb.eval_transform, batch_size=dc.eval_batch_size,
                               mesh=bb.mesh, desc=f"{split} features")
         return {"features": feats.l2_normalize(f), "labels": np.array([e.label for e in examples], np.int32)}
     return feats.cached(cache_dir, _key(bb, dc, kind=split, n=len(examples)), compute)
@@ -180,7 +180,7 @@ def cache_features(bb: Backbone, few: list[fewshot.Example], dc, shots, seed, ca
         for epoch in range(dc.augment_epoch):
             items = [(ex, (seed, epoch, i)) for i, ex in enumerate(few)]
             total = total + feats.map_batches(bb.encode_image, bb.params, items, bb.augment_transform,
-                                              batch_size=dc.batch_size, mesh=bb.mesh,
+                                              batch_size=dc.eval_batch_size, mesh=bb.mesh,
                                               desc=f"cache features {epoch + 1}/{dc.augment_epoch}")
         return {"keys": feats.l2_normalize(total / dc.augment_epoch),
                 "labels": np.array([e.label for e in few], np.int32)}
@@ -214,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise errors.UserError(f"shots must be a whole number >= 1, got {s!r} (config argument shots=, "
                                    f"--config.data.shots or --config.sweep.shots)")
-    minimums = {"data.batch_size": 1, "data.augment_epoch": 1, "realistic.folds": 2, "realistic.min_shots": 1}
+    minimums = {"data.eval_batch_size": 1, "data.augment_epoch": 1, "realistic.folds": 2, "realistic.min_shots": 1}
     for m in ("dualadapter", "tip_adapter"):
         if m in config:
             minimums.update({f"{m}.train.epochs": 1, f"{m}.train.batch_size": 1})

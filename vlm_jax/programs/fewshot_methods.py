@@ -122,7 +122,7 @@ def augmented_views(config, bb, few, *, shots, seed, workdir):
     def views(n: int) -> dict[str, np.ndarray]:
         def compute():
             items = [(ex, (seed, 200_000 + v, i)) for v in range(n) for i, ex in enumerate(few)]
-            f = feats.map_batches(bb.encode_image, bb.params, items, bb.augment_transform, batch_size=dc.batch_size,
+            f = feats.map_batches(bb.encode_image, bb.params, items, bb.augment_transform, batch_size=dc.eval_batch_size,
                                   mesh=bb.mesh, desc=f"{n} augmented views")
             return {"features": feats.l2_normalize(f), "labels": np.array([e.label for e, _ in items], np.int32)}
         key = {"checkpoint": bb.fingerprint, "dataset": dc.name, "root": dc.root, "preprocess": bb.pp,

@@ -30,7 +30,7 @@ from vlm_jax import errors
 from vlm_jax.data import chat, preprocess, tokenize
 from vlm_jax.data import features as feats
 from vlm_jax.programs import runner
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--prompts", required=True, help="candidate image prompts separated by '|'")
     ap.add_argument("--images", default="builtin", help="'builtin' or a folder of images")
     ap.add_argument("--num_images", type=int, default=64, help="first N images (0 = all)")
-    ap.add_argument("--chat_template", default="", help="'' = the checkpoint's own (see configs/discriminative.py)")
+    ap.add_argument("--chat_template", default="", help="'' = the checkpoint's own (see configs/vladva.py)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--output", default="", help="also write the result as JSON here")

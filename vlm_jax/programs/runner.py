@@ -1,7 +1,7 @@
 """The scaffold every program shares: checkpoint specs, batch sizes on the mesh, epoch batches, LVLM loading,
 and the results a run leaves in its workdir.
 
-A program (`fewshot_clip`, `lvlm_embed`, `vitask`) reads its config, checks it, then goes through these steps in
+A program (`fewshot_clip`, `vladva`, `vitask`) reads its config, checks it, then goes through these steps in
 the same order: resolve checkpoints (`resolve_checkpoint`) -> mesh -> load and shard (`load_lvlm`) -> writer ->
 fit (`train.trainer.fit` on `epoch_batches`) -> evaluation -> `write_results` (results.md, results.json, the
 table printed once).

@@ -187,7 +187,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
     # The LLaVA's prompt format and preprocessing, checked against the config now, not after the TSM has trained.
     cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
     tok = tokenize.load_tokenizer(ckpt)
-    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, dc.chat_template, tok), cfg.tokens_per_image,
+    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, config.model.chat_template, tok), cfg.tokens_per_image,
                           cfg.image_token_id, chat.image_token(ckpt))
     seqs = vitask_tasks.Seqs(fmt, instructions, task.train.responses + [r for rs in label_responses for r in rs])
     return Inputs(task, instructions, label_responses, negatives, clip_dir, ckpt, tok,

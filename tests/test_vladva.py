@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.convert import llava as llava_convert
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft
 from vlm_jax.train import trainer
 
@@ -185,7 +185,7 @@ def test_learnable_temperature_gradient_and_clipping():
 SHARDED = textwrap.dedent("""
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from vlm_jax.methods import discriminative as disc
+    from vlm_jax.methods import vladva as disc
     from vlm_jax.runtime import mesh as mesh_lib
     assert jax.device_count() == 8
     mesh = mesh_lib.make_mesh({"data": 8})
@@ -322,7 +322,7 @@ def test_microbatched_loss_and_gradients_equal_the_full_batch(llava, k=2):
     batch = _train_batch(model.cfg.tokens_per_image, np.random.default_rng(3))
     outs = []
     for m in (1, k):
-        loss_fn = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, microbatches=m)
+        loss_fn = disc.make_loss_fn(model, lora_alpha=8, lora_rank=4, grad_cache_chunks=m)
         f = jax.jit(jax.value_and_grad(lambda p: loss_fn({"base": base, **p}, batch, None), has_aux=True))
         outs.append(f(params))
     ((l1, m1), g1), ((lk, mk), gk) = outs
@@ -358,10 +358,10 @@ def test_unmerged_lora_equals_merged(llava):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_evaluation_embeds_with_the_trained_model(llava, dtype):
-    """The evaluation's embeddings (`lvlm_embed.embedding_fns`) give the training forward's contrastive loss: LoRA
+    """The evaluation's embeddings (`vladva_program.embedding_fns`) give the training forward's contrastive loss: LoRA
     applied as in training, also over a bf16 base, where merging W + s A B into bf16 would not."""
     from vlm_jax.models.llava import Llava
-    from vlm_jax.programs import lvlm_embed
+    from vlm_jax.programs import vladva as vladva_program
 
     _, model, base = llava
     dt = jnp.dtype(dtype)
@@ -378,7 +378,7 @@ def test_evaluation_embeds_with_the_trained_model(llava, dtype):
     train_loss = float(jax.jit(loss_fn)({"base": base, "lora": lora, **prompts}, batch, None)[0])
 
     def eval_loss(weights, lora_):
-        img_fn, txt_fn = lvlm_embed.embedding_fns(model, weights, lora_, dict(alpha=8, rank=4), **prompts)
+        img_fn, txt_fn = vladva_program.embedding_fns(model, weights, lora_, dict(alpha=8, rank=4), **prompts)
         img = img_fn({"input_ids": batch["image_ids"], "attention_mask": batch["image_mask"],
                       "pixel_values": batch["pixel_values"], "prompt_start": batch["image_prompt_start"]})
         txt = txt_fn({"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"],

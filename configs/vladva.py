@@ -1,8 +1,8 @@
 """Discriminative fine-tuning of an LVLM ("VladVA", arXiv 2412.04378): soft prompts + LoRA, InfoNCE + NTP.
 
 Usage:
-  python launch/main.py --config=configs/discriminative.py:runlocal --workdir=/tmp/vladva   # offline, CPU
-  python launch/main.py --config=configs/discriminative.py \
+  python launch/main.py --config=configs/vladva.py:runlocal --workdir=/tmp/vladva   # offline, CPU
+  python launch/main.py --config=configs/vladva.py \
       --config.model.checkpoint=/ckpt/llava-1.5-7b-hf --config.data.manifest=/data/pairs.jsonl \
       --config.data.retrieval_json=/data/dataset_flickr30k.json --config.data.image_root=/data/flickr30k-images \
       --workdir=/runs/vladva
@@ -23,14 +23,16 @@ from vlm_jax import config_utils
 
 def get_config(arg=None):
     arg = config_utils.parse_arg(arg, runlocal=False)
-    from vlm_jax.methods import discriminative as disc
+    from vlm_jax.methods import vladva as disc
 
     c = ml_collections.ConfigDict()
-    c.program = "lvlm_embed"
+    c.program = "vladva"
     c.rng_seed = 0
     # dtype: compute dtype ('bfloat16' on GPU/TPU); param_dtype: storage of the frozen base ('' = dtype). The
     # trainable LoRA / prompts are float32 master weights whatever these say.
-    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="")
+    # chat_template: '' = the checkpoint's own (what its HF processor renders); or a Jinja template, or a format
+    # with one '{}' for the user turn ('USER: {} ASSISTANT:'), for a checkpoint that has none.
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="", chat_template="")
     # train_limit: train on the first N pairs of a fixed permutation (0 = all).
     c.data = dict(name="manifest", manifest="", image_root="", train_limit=0,
                   # Evaluation (any subset): Karpathy-split retrieval JSON, SugarCrepe folder, Winoground JSONL,
@@ -41,13 +43,10 @@ def get_config(arg=None):
                   # image prompt, e.g. LLaVA-1.5's 576 image tokens, + the longest long caption, capped at
                   # long_caption_max_tokens: the paper's long captions are 30-500 tokens). Checked against the
                   # checkpoint before any work.
-                  tfds_data_dir="", text_len=64, long_len=0, long_caption_max_tokens=500, batch_size=32)
+                  tfds_data_dir="", text_len=64, long_len=0, long_caption_max_tokens=500, eval_batch_size=32)
     # CLIP baseline on the same evaluation suite ('' to skip), e.g. openai/clip-vit-large-patch14-336.
     c.clip_checkpoint = ""
     c.method = dict(
-        # '' = the checkpoint's own chat template (what its HF processor renders); or a Jinja template, or a
-        # format with one '{}' for the user turn ('USER: {} ASSISTANT:'), for a checkpoint that has none.
-        chat_template="",
         # image_prompt: the text after the image (the template places the image); text_prompt: '<sent>' = caption.
         image_prompt=disc.IMAGE_PROMPT, text_prompt=disc.TEXT_PROMPT,
         short_max_tokens=disc.SHORT_CAPTION_MAX_TOKENS,
@@ -55,11 +54,11 @@ def get_config(arg=None):
         lora_rank=16, lora_alpha=16.0,
         # (regex or (regex, input axes)) over '/'-joined param paths: the LM's linear layers.
         lora_targets=list(disc.LORA_TARGETS),
-        # k > 1: the LVLM passes run over k microbatches with rematerialisation; the loss and gradients stay
-        # the full batch's (all batch_size - 1 negatives) at the activation memory of batch_size / k samples.
-        microbatches=1,
     )
-    c.train = dict(epochs=1, batch_size=1024,
+    # grad_cache_chunks = k > 1: the LVLM passes run over k chunks of the batch with rematerialisation (GradCache);
+    # the loss and gradients stay the full batch's (all batch_size - 1 negatives) at the activation memory of
+    # batch_size / k samples. (Not gradient accumulation, which would shrink the contrastive batch.)
+    c.train = dict(epochs=1, batch_size=1024, grad_cache_chunks=1,
                    optim=dict(name="adamw", lr=1e-4, weight_decay=0.0, decay_type="cosine"),
                    param_groups=[("lora/.*", 1.0), ("(image|text)_prompt", 1.0), ("log_temperature", 1.0)],
                    checkpoint_every_steps=200,   # plus every epoch end and on SIGTERM
@@ -70,7 +69,7 @@ def get_config(arg=None):
         c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths
         c.clip_checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin"
-        c.data.batch_size, c.data.train_limit = 16, 64
+        c.data.eval_batch_size, c.data.train_limit = 16, 64
         c.method.lora_rank, c.method.lora_alpha = 4, 4.0
         c.train.epochs, c.train.batch_size = 2, 16
         c.train.optim.lr = 3e-3

@@ -1,7 +1,7 @@
 """Discriminative fine-tuning of an LVLM ("VladVA", arXiv 2412.04378): the LVLM as an image-text embedding model.
 
 Data flow: config -> LLaVA checkpoint + tokenizer -> image-text pairs (JSONL manifest or the built-in photos)
--> `data.pairs` batches -> `methods.discriminative` loss (InfoNCE on short captions + NTP on long ones, soft
+-> `data.pairs` batches -> `methods.vladva` loss (InfoNCE on short captions + NTP on long ones, soft
 prompts + LoRA, the base frozen) -> the generic trainer -> zero-shot retrieval recall@1/5/10 of the untrained
 LVLM with handcrafted prompts (the E5-V baseline) and of the fine-tuned one -> workdir (results.json,
 results.md, metrics.jsonl, checkpoints).
@@ -27,7 +27,7 @@ from vlm_jax.data import features as feats
 from vlm_jax.data import chat, pairs, preprocess, tokenize
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import suite as eval_suite
-from vlm_jax.methods import discriminative as disc
+from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft
 from vlm_jax.programs import runner
 from vlm_jax.runtime import mesh as mesh_lib
@@ -70,7 +70,7 @@ def load_pairs(dc):
     tfds_name = dc.name[len("tfds:"):] if dc.name.startswith("tfds:") else None
     if not dc.manifest and not tfds_name:
         raise errors.UserError("discriminative fine-tuning needs --config.data.manifest=pairs.jsonl (lines of image, "
-                               "short_caption, long_caption); or try --config=configs/discriminative.py:runlocal")
+                               "short_caption, long_caption); or try --config=configs/vladva.py:runlocal")
     if not (dc.retrieval_json or dc.sugarcrepe or dc.winoground or dc.classification):
         raise errors.UserError("nothing to evaluate on: pass --config.data.retrieval_json (Karpathy format) and/or "
                                "--config.data.sugarcrepe, --config.data.winoground, --config.data.classification")
@@ -205,9 +205,10 @@ def build_suite(dc) -> eval_suite.Suite:
 # ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
-def prompt_tokens(ckpt: str, mc, dc, tok, cfg) -> pairs.Tokens:
-    """The run's prompt format from the checkpoint (its chat template unless method.chat_template is set)."""
-    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, mc.chat_template, tok), cfg.tokens_per_image,
+def prompt_tokens(ckpt: str, config, tok, cfg) -> pairs.Tokens:
+    """The run's prompt format from the checkpoint (its chat template unless model.chat_template is set)."""
+    mc, dc = config.method, config.data
+    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, config.model.chat_template, tok), cfg.tokens_per_image,
                           cfg.image_token_id, chat.image_token(ckpt))
     spec = pairs.PromptSpec(image_prompt=mc.image_prompt, text_prompt=mc.text_prompt,
                             short_max_tokens=mc.short_max_tokens, text_len=dc.text_len, long_len=dc.long_len)
@@ -248,9 +249,9 @@ def check_lengths(tokens: pairs.Tokens, dc, longs) -> int:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dc, mc, tc = config.data, config.method, config.train
     config_utils.check_ranges(config, {
-        "train.epochs": 1, "train.batch_size": 1, "train.optim.lr": 0, "data.batch_size": 1, "data.text_len": 2,
+        "train.epochs": 1, "train.batch_size": 1, "train.optim.lr": 0, "data.eval_batch_size": 1, "data.text_len": 2,
         "data.long_len": 0, "data.train_limit": 0, "method.lora_rank": 1, "method.temperature": 1e-6,
-        "method.short_max_tokens": 1, "method.microbatches": 1, "method.ntp_weight": 0})
+        "method.short_max_tokens": 1, "train.grad_cache_chunks": 1, "method.ntp_weight": 0})
     train_pairs, extra_texts = load_pairs(dc)
     limit = int(dc.get("train_limit", 0))
     if limit < 0:
@@ -260,26 +261,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train_pairs = [train_pairs[i] for i in keep]
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
     texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
-    ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/discriminative.py", texts)
+    ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/vladva.py", texts)
     clip_ckpt = None
     if config.clip_checkpoint:
-        clip_ckpt = runner.resolve_checkpoint(config.clip_checkpoint, "configs/discriminative.py")
+        clip_ckpt = runner.resolve_checkpoint(config.clip_checkpoint, "configs/vladva.py")
 
     # Everything the config and the checkpoint must agree on, before the workdir gets anything.
     cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
     tok = tokenize.load_tokenizer(ckpt)
     pp = preprocess.image_settings(ckpt)
-    tokens = prompt_tokens(ckpt, mc, dc, tok, cfg)
+    tokens = prompt_tokens(ckpt, config, tok, cfg)
     split = [pairs.split_captions(tokens, (s, l)) for _, s, l in train_pairs]
     long_len = check_lengths(tokens, dc, [l for _, l in split if l])
     tokens = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=long_len))
     mesh = mesh_lib.make_mesh(config.mesh.to_dict())
     n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
     bs = runner.batch_size(tc.batch_size, n, mesh)
-    k = mc.get("microbatches", 1)
+    k = tc.grad_cache_chunks
     if k < 1 or bs % (k * div):
-        raise errors.UserError(f"method.microbatches={k} needs a training batch ({bs}) divisible by {k} x the "
-                               f"{div} data-parallel devices: change train.batch_size or method.microbatches")
+        raise errors.UserError(f"train.grad_cache_chunks={k} needs a training batch ({bs}) divisible by {k} x the "
+                               f"{div} data-parallel devices: change train.batch_size or train.grad_cache_chunks")
     steps_per_epoch = n // bs
 
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
@@ -292,10 +293,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     rows: dict[str, dict[str, float]] = {}
     if clip_ckpt:
-        rows["CLIP"] = eval_suite.evaluate(suite, *clip_embedders(clip_ckpt, mesh, dc.batch_size))
+        rows["CLIP"] = eval_suite.evaluate(suite, *clip_embedders(clip_ckpt, mesh, dc.eval_batch_size))
     # The E5-V baseline: the untrained LVLM with the handcrafted prompts.
     rows["LVLM + handcrafted prompts (E5-V style)"] = eval_suite.evaluate(
-        suite, *lvlm_embedders(model, base, tokens, pp, mesh, dc.batch_size))
+        suite, *lvlm_embedders(model, base, tokens, pp, mesh, dc.eval_batch_size))
 
     # VladVA: soft prompts (initialised from the handcrafted prompts' embeddings) + LoRA; the base frozen.
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
@@ -308,7 +309,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if mc.learn_temperature:
         params["log_temperature"] = disc.init_log_temperature(mc.temperature)
     loss_fn = disc.make_loss_fn(model, lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank, temperature=mc.temperature,
-                                ntp_weight=mc.ntp_weight, microbatches=k)
+                                ntp_weight=mc.ntp_weight, grad_cache_chunks=k)
 
     def make_batch(idx, epoch, i):
         images = feats.load_all(lambda j: _load(train_pairs[j][0], pp), idx)
@@ -324,7 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
     trained = fit.best_params
     rows["VladVA (soft prompts + LoRA)"] = eval_suite.evaluate(suite, *lvlm_embedders(
-        model, base, tokens, pp, mesh, dc.batch_size, trained["lora"],
+        model, base, tokens, pp, mesh, dc.eval_batch_size, trained["lora"],
         dict(alpha=mc.lora_alpha, rank=mc.lora_rank), trained["image_prompt"], trained["text_prompt"]))
 
     present = set().union(*(r.keys() for r in rows.values()))

@@ -205,7 +205,7 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
 
 def next_token_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of the targets' -log p f32[], number of targets i32[]): `next_token_loss` before the division, so
-    that microbatches can be summed into the full batch's loss."""
+    that chunks can be summed into the full batch's loss."""
     lg = logits[:, :-1].astype(jnp.float32)
     targets = input_ids[:, 1:]
     mask = loss_mask[:, 1:] > 0
@@ -231,7 +231,7 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
       temperature: InfoNCE temperature (float or f32[]).
       ntp_weight: weight of the NTP term.
       ntp_sums: instead of long_logits, the NTP term's (sum, count) already computed (`next_token_sums` of
-        has_long-masked targets, summed over microbatches).
+        has_long-masked targets, summed over chunks).
 
     Returns:
       (loss f32[], metrics {'contrastive', 'ntp', 'ntp_tokens', 'i2t_acc', 't2i_acc', 'temperature', 'n_pairs'}).
@@ -251,7 +251,7 @@ def total_loss(image_emb: jax.Array, text_emb: jax.Array, long_logits: jax.Array
 
 
 def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
-    """fn(xs) for a function of independent rows, computed over k microbatches one at a time.
+    """fn(xs) for a function of independent rows, computed over k chunks one at a time.
 
     Each microbatch runs under `jax.checkpoint` inside `lax.map`, so the backward pass keeps only the
     microbatch inputs and fn's outputs and recomputes one microbatch's activations at a time: GradCache's
@@ -263,7 +263,7 @@ def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
         return fn(xs)
     b = next(iter(xs.values())).shape[0]
     if b % k:
-        raise ValueError(f"method.microbatches={k} must divide the batch size {b}")
+        raise ValueError(f"train.grad_cache_chunks={k} must divide the batch size {b}")
     split = lambda x: jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1)
     out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, dict(xs)))
     return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(b, *y.shape[2:]) if y.ndim > 1 else y, out)
@@ -274,7 +274,7 @@ def _rowwise(fn, k: int, xs: Mapping[str, jax.Array]):
 
 def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float = DEFAULT_TEMPERATURE,
                  ntp_weight: float = 1.0, min_temperature: float = MIN_TEMPERATURE,
-                 max_temperature: float = MAX_TEMPERATURE, microbatches: int = 1, lora_impl: str = "unmerged",
+                 max_temperature: float = MAX_TEMPERATURE, grad_cache_chunks: int = 1, lora_impl: str = "unmerged",
                  ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """Builds `loss_fn(params, batch, rng) -> (loss, metrics)` for `vlm_jax.train.trainer`.
 
@@ -306,7 +306,7 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
     benchmarks/train_steps.py); 'merged' differentiates through W + s A B (`peft.lora_merge`). Equal up to
     float rounding.
 
-    microbatches: k > 1 runs the LVLM passes over k microbatches with rematerialisation (`_rowwise`): activation
+    grad_cache_chunks: k > 1 runs the LVLM passes over k chunks with rematerialisation (`_rowwise`): activation
     memory of B / k samples, the exact full-batch loss and gradients (all B - 1 negatives), one extra forward.
     The trainer's generic `accum_steps` would instead average k smaller contrastive losses.
     """
@@ -325,11 +325,11 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
         pick = lambda *keys: {k: batch[k] for k in keys if k in batch}
         img = _rowwise(lambda x: image_embedding(
             model, weights, x["image_ids"], x["image_mask"], x["pixel_values"], prompt=image_prompt,
-            prompt_start=x.get("image_prompt_start")), microbatches,
+            prompt_start=x.get("image_prompt_start")), grad_cache_chunks,
             pick("image_ids", "image_mask", "pixel_values", "image_prompt_start"))
         txt = _rowwise(lambda x: text_embedding(
             model, weights, x["text_ids"], x["text_mask"], prompt=text_prompt, prompt_start=x.get("text_prompt_start")),
-            microbatches, pick("text_ids", "text_mask", "text_prompt_start"))
+            grad_cache_chunks, pick("text_ids", "text_mask", "text_prompt_start"))
         ntp_sums = None
         if ntp_weight:
             def ntp(x):
@@ -341,9 +341,9 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
                 logits = model.apply({"params": weights}, hidden, method="logits")
                 mask = x["long_loss_mask"] * x["has_long"].astype(x["long_loss_mask"].dtype)[:, None]
                 return next_token_sums(logits, x["long_ids"], mask)
-            sums = _rowwise(ntp, microbatches, pick("long_ids", "long_mask", "long_loss_mask", "pixel_values",
+            sums = _rowwise(ntp, grad_cache_chunks, pick("long_ids", "long_mask", "long_loss_mask", "pixel_values",
                                                     "long_prompt_start") | {"has_long": batch["has_long"]})
-            ntp_sums = jax.tree.map(jnp.sum, sums) if microbatches > 1 else sums
+            ntp_sums = jax.tree.map(jnp.sum, sums) if grad_cache_chunks > 1 else sums
         return total_loss(img, txt, None, None, None, batch["has_short"], None, temperature=t,
                           ntp_weight=ntp_weight, ntp_sums=ntp_sums)
 
