@@ -107,3 +107,11 @@ def test_layers_point_one_way():
     assert set(map(_layer, graph)) <= set(ALLOWED), set(map(_layer, graph)) - set(ALLOWED)
     bad = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if _layer(d) not in ALLOWED[_layer(m)])
     assert bad == []
+
+
+def test_functions_are_short():
+    # The bar for readable programs: no function (docstring included) of 80 lines or more.
+    longest = max(((n.end_lineno - n.lineno + 1, f"{path.name}:{n.name}")
+                   for path in _modules().values() for n in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), default=(0, ""))
+    assert longest[0] < 80, longest

@@ -246,19 +246,39 @@ def check_lengths(tokens: pairs.Tokens, dc, longs) -> int:
     return long_len
 
 
+def initial_params(base, tokens: pairs.Tokens, mc, rng) -> dict[str, Any]:
+    """VladVA's trainable params beside the frozen base: soft prompts initialised from the handcrafted prompts'
+    embeddings, LoRA on `method.lora_targets`, and the log temperature when it is learned."""
+    table = base["language_model"]["model"]["embed_tokens"]["embedding"]
+    params = {"base": base,
+              "lora": peft.lora_init(base, rng, targets=[tuple(t) if isinstance(t, (list, tuple)) else t
+                                                         for t in mc.lora_targets], rank=mc.lora_rank),
+              "image_prompt": peft.soft_prompt_init(table, jnp.asarray(tokens.image_prompt)),
+              "text_prompt": peft.soft_prompt_init(table, jnp.asarray(tokens.text_prompt))}
+    if mc.learn_temperature:
+        params["log_temperature"] = disc.init_log_temperature(mc.temperature)
+    return params
+
+
+def _limit(train_pairs, limit: int, seed: int):
+    """data.train_limit: the (sorted) first `limit` of a fixed permutation of the pairs (0 = all)."""
+    if limit < 0:
+        raise errors.UserError(f"data.train_limit must be >= 0 (0 = all), got {limit}")
+    if limit and limit < len(train_pairs):
+        keep = np.sort(np.random.default_rng([seed, 1]).permutation(len(train_pairs))[:limit])
+        train_pairs = [train_pairs[i] for i in keep]
+    return train_pairs
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Baselines (CLIP, the untrained LVLM) -> VladVA training -> the evaluation suite -> results."""
     dc, mc, tc = config.data, config.method, config.train
     config_utils.check_ranges(config, {
         "train.epochs": 1, "train.batch_size": 1, "train.optim.lr": 0, "data.eval_batch_size": 1, "data.text_len": 2,
         "data.long_len": 0, "data.train_limit": 0, "method.lora_rank": 1, "method.temperature": 1e-6,
         "method.short_max_tokens": 1, "train.grad_cache_chunks": 1, "method.ntp_weight": 0})
     train_pairs, extra_texts = load_pairs(dc)
-    limit = int(dc.get("train_limit", 0))
-    if limit < 0:
-        raise errors.UserError(f"data.train_limit must be >= 0 (0 = all), got {limit}")
-    if limit and limit < len(train_pairs):  # the (sorted) first N of a fixed permutation
-        keep = np.sort(np.random.default_rng([config.rng_seed, 1]).permutation(len(train_pairs))[:limit])
-        train_pairs = [train_pairs[i] for i in keep]
+    train_pairs = _limit(train_pairs, int(dc.get("train_limit", 0)), config.rng_seed)
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
     texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
     ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/vladva.py", texts)
@@ -278,15 +298,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
     bs = runner.batch_size(tc.batch_size, n, mesh)
     k = tc.grad_cache_chunks
-    if k < 1 or bs % (k * div):
+    if k < 1 or bs % (k * div):  # GradCache chunks split each device's rows
         raise errors.UserError(f"train.grad_cache_chunks={k} needs a training batch ({bs}) divisible by {k} x the "
                                f"{div} data-parallel devices: change train.batch_size or train.grad_cache_chunks")
     steps_per_epoch = n // bs
 
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
-    # Streamed, one tensor at a time, each placed by its logical axis names: replicated on the default
-    # data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes (`--config.mesh.fsdp=-1
-    # --config.mesh.data=1`), so that no device ever holds the whole LVLM. The trainer keeps this layout.
+    # Sharded by logical axes as it streams in (`runner.load_lvlm`); the trainer keeps this layout.
     model, base = runner.load_lvlm(ckpt, config.model, mesh)
     logging.info("LLaVA %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
                  ckpt, n, cfg.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
@@ -298,16 +316,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rows["LVLM + handcrafted prompts (E5-V style)"] = eval_suite.evaluate(
         suite, *lvlm_embedders(model, base, tokens, pp, mesh, dc.eval_batch_size))
 
-    # VladVA: soft prompts (initialised from the handcrafted prompts' embeddings) + LoRA; the base frozen.
-    table = base["language_model"]["model"]["embed_tokens"]["embedding"]
     rng = jax.random.key(config.rng_seed)
-    params = {"base": base,
-              "lora": peft.lora_init(base, rng, targets=[tuple(t) if isinstance(t, (list, tuple)) else t
-                                                         for t in mc.lora_targets], rank=mc.lora_rank),
-              "image_prompt": peft.soft_prompt_init(table, jnp.asarray(tokens.image_prompt)),
-              "text_prompt": peft.soft_prompt_init(table, jnp.asarray(tokens.text_prompt))}
-    if mc.learn_temperature:
-        params["log_temperature"] = disc.init_log_temperature(mc.temperature)
+    params = initial_params(base, tokens, mc, rng)
     loss_fn = disc.make_loss_fn(model, lora_alpha=mc.lora_alpha, lora_rank=mc.lora_rank, temperature=mc.temperature,
                                 ntp_weight=mc.ntp_weight, grad_cache_chunks=k)
 

@@ -316,37 +316,21 @@ def fit(
         (master weights; bf16 / fp16 leaves are upcast) while frozen leaves keep their dtype. Leaves already
         laid out on `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do
         their optimizer moments; everything else is replicated.
-      epoch_batches: epoch index -> iterable of exactly `steps_per_epoch` host batches (numpy, the global batch,
-        the same on every process; `mesh.shard_batch` gives each process's devices their slices). Making the
-        epoch's data a pure function of its index is what lets a resumed run see the same data: the iterator's
-        position is (epoch, batch index), derived from the step and stored in
-        the checkpoint, and a mid-epoch resume skips the epoch's first batches.
-      eval_fn: trainable params -> metrics; `select` names the one to maximise (best epoch, as the
-        DualAdapter / Tip-Adapter-F references do on the val split).
-      workdir: if set, orbax checkpoints (async; a save becomes visible only once complete, so a crash during a
-        save leaves the previous one) go to workdir/checkpoints/<name> after each epoch, every
-        `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM, after which `Preempted` is raised.
-        A run restarted with the same workdir resumes from the latest one.
-      accum_steps: gradient accumulation (see `make_train_step`).
+      epoch_batches: epoch index -> exactly `steps_per_epoch` host batches (numpy, the global batch, the same on
+        every process). The epoch's data being a pure function of its index lets a resumed run see the same data:
+        the position (epoch, batch) comes from the checkpointed step; a mid-epoch resume skips the first batches.
+      eval_fn: trainable params -> metrics; `select` names the one to maximise (the best epoch is kept).
+      workdir: if set, orbax checkpoints (async; visible only once complete) go to workdir/checkpoints/<name> after
+        each epoch, every `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM (then `Preempted` is
+        raised). A run restarted with the same workdir resumes from the latest one.
 
     Raises:
-      TrainingDiverged: a non-finite loss (checked every step) or epoch metric; nothing of the bad step is saved.
-      Preempted: after SIGTERM (single process) or a jax.distributed preemption notice (all hosts agree on the
-        step), once the checkpoint is written.
+      TrainingDiverged: a non-finite loss (watched on the device every step, reported at the next log step, save
+        or epoch end, with the step where it happened) or epoch metric; nothing of the bad step is saved.
+      Preempted: after SIGTERM or a jax.distributed preemption notice (hosts agree on the step), once saved.
     """
-    labels = param_labels(params, param_groups)
-    trainable, frozen = partition(params, labels)
-    # float32 master weights whatever the storage dtype of the model: bf16 weights would round small updates
-    # away. The model's compute dtype (its `dtype`) is untouched, so a bf16 model computes in bf16 and its
-    # frozen weights may stay bf16 (half the memory); the gradients arrive in float32 through the casts.
-    trainable = jax.tree.map(_master, trainable)
     total_steps = num_epochs * steps_per_epoch
-    tx = make_optimizer(optim, labels, total_steps)
-    trainable = jax.device_put(trainable, placed_shardings(trainable, mesh))
-    frozen = jax.device_put(frozen, placed_shardings(frozen, mesh))
-    shardings = state_shardings(tx, placed_shardings(trainable, mesh), trainable, mesh)
-    state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                    out_shardings=shardings)(trainable)
+    tx, state, frozen, shardings = _initial_state(params, param_groups, optim, total_steps, mesh)
     run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
     if run.ckpt is not None:
         state = run.restore(state, eval_fn is not None)
@@ -363,22 +347,9 @@ def fit(
 
         start_epoch, skip = divmod(run.step, steps_per_epoch)
         for epoch in range(start_epoch, num_epochs):
-            n = skip
-            for b, batch in enumerate(epoch_batches(epoch)):
-                if b < skip:
-                    continue   # a mid-epoch resume: these batches are in the restored state already
-                state, metrics = train_step(state, frozen, mesh_lib.shard_batch(batch, mesh))
-                run.step, n = run.step + 1, n + 1
-                run.accumulate(metrics)  # on the device: nothing is fetched per step
-                if progress.due(run.step):
-                    run.check(state)
-                    progress.update(run.step, {"loss": jax.device_get(metrics["loss"])})
-                end_of_epoch = n == steps_per_epoch
-                if not end_of_epoch and preempted():   # at an epoch end, the epoch-end save comes first
-                    run.save(state)
-                    run.stop(Preempted(run.step, run.ckpt.manager.directory))
-                if checkpoint_every_steps and run.step % checkpoint_every_steps == 0 and not end_of_epoch:
-                    run.save(state)
+            step_fn = lambda st, batch: train_step(st, frozen, mesh_lib.shard_batch(batch, mesh))  # noqa: E731
+            state, n = run.epoch(state, epoch_batches(epoch), skip, step_fn, progress, preempted,
+                                 checkpoint_every_steps)
             if n != steps_per_epoch:
                 raise ValueError(f"{name}: epoch {epoch} produced {n} batches, expected steps_per_epoch="
                                  f"{steps_per_epoch}")
@@ -394,6 +365,23 @@ def fit(
     best_metrics = next((r for r in run.history if r["epoch"] == int(best["epoch"])), {})
     return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
                      best_metrics=best_metrics, history=run.history)
+
+
+def _initial_state(params, param_groups, optim, total_steps: int, mesh):
+    """(optimizer, step-0 TrainState of the trainable part, frozen part, state shardings), placed on `mesh`."""
+    labels = param_labels(params, param_groups)
+    trainable, frozen = partition(params, labels)
+    # float32 master weights whatever the storage dtype of the model: bf16 weights would round small updates
+    # away. The model's compute dtype (its `dtype`) is untouched, so a bf16 model computes in bf16 and its
+    # frozen weights may stay bf16 (half the memory); the gradients arrive in float32 through the casts.
+    trainable = jax.tree.map(_master, trainable)
+    tx = make_optimizer(optim, labels, total_steps)
+    trainable = jax.device_put(trainable, placed_shardings(trainable, mesh))
+    frozen = jax.device_put(frozen, placed_shardings(frozen, mesh))
+    shardings = state_shardings(tx, placed_shardings(trainable, mesh), trainable, mesh)
+    state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                    out_shardings=shardings)(trainable)
+    return tx, state, frozen, shardings
 
 
 @jax.jit
@@ -471,6 +459,26 @@ class _Run:
                 "sums": self.host_sums() if epoch_sums is None else epoch_sums, "history": self.history,
                 "best_metric": float(self.best["metric"]), "best_epoch": self.best["epoch"]}
         ckpt_lib.save(self.ckpt.manager, self.step, state, self.best["params"], meta, self.mesh)
+
+    def epoch(self, state, batches, skip: int, step_fn, progress, preempted, checkpoint_every_steps: int):
+        """One epoch's steps from batch `skip` on (a mid-epoch resume); returns (state, batches seen in the epoch)."""
+        n = skip
+        for b, batch in enumerate(batches):
+            if b < skip:
+                continue   # a mid-epoch resume: these batches are in the restored state already
+            state, metrics = step_fn(state, batch)
+            self.step, n = self.step + 1, n + 1
+            self.accumulate(metrics)  # on the device: nothing is fetched per step
+            if progress.due(self.step):
+                self.check(state)
+                progress.update(self.step, {"loss": jax.device_get(metrics["loss"])})
+            end_of_epoch = n == self.steps_per_epoch
+            if not end_of_epoch and preempted():   # at an epoch end, the epoch-end save comes first
+                self.save(state)
+                self.stop(Preempted(self.step, self.ckpt.manager.directory))
+            if checkpoint_every_steps and self.step % checkpoint_every_steps == 0 and not end_of_epoch:
+                self.save(state)
+        return state, n
 
     def end_epoch(self, state, epoch: int, n: int, eval_fn, select: str, writer) -> None:
         """The epoch's row (mean train metrics, val metrics), the best epoch, the epoch-end checkpoint."""
