@@ -270,7 +270,7 @@ def tsm_case(args) -> Case:
                for k, v in tower.state_dict().items()}
     table = clip_convert.clip_vision_table(vision["num_hidden_layers"], hf="vision_model", fx=("tower",))
     converted = loader.apply_table(table, tensors, {"tower": shapes["tower"]}, ignore=clip_convert.IGNORE)
-    params = tsm_lib.init_from_clip(model, converted["tower"], jax.random.key(1))
+    params = tsm_lib.init_from_tower(model, converted["tower"], jax.random.key(1))
     head = torch.nn.Linear(vision["hidden_size"], c).to(args.torch_device)
     with torch.no_grad():
         head.weight.copy_(ref.tensor(np.asarray(params["head"]["kernel"]).T, args.torch_device))

@@ -3,7 +3,7 @@
 Usage:
   python launch/main.py --config=configs/vitask.py:runlocal --workdir=/tmp/vitask   # offline, CPU, toy models
   python launch/main.py --config=configs/vitask.py --config.data.name=dermamnist --config.data.root=/data/medmnist \
-      --config.model.checkpoint=/ckpt/llava-1.5-7b-hf --config.tsm.checkpoint=/ckpt/clip-vit-base-patch16 \
+      --config.model.checkpoint=/ckpt/llava-1.5-7b-hf --config.tsm.checkpoint=/ckpt/vit-base-patch16-224-in21k \
       --workdir=/runs/vitask
   # joint training (one TSM head, masked softmax per dataset; mixed LVLM batches; metrics per dataset):
   ... --config.data.name=dermamnist,bloodmnist,chestmnist,folder:/data/my_xrays --config.method.eval_mode=generate
@@ -45,12 +45,14 @@ def get_config(arg=None):
     c.data = dict(name="dermamnist", root="", size=0, test_limit=0, train_limit=0, val_limit=0, eval_batch_size=8,
                   full_instruction=True, modality="medical",
                   no_finding="normal")
-    # TSM: a CLIP vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base, 30 epochs).
+    # TSM: a vision tower + linear head, fully fine-tuned (METHODS.md: ViT-Base pre-trained on ImageNet-21K, 30
+    # epochs). checkpoint: an HF ViT (the paper's google/vit-base-patch16-224-in21k, the default) or a CLIP
+    # checkpoint, whose vision tower is used (e.g. openai/clip-vit-base-patch16); each with its own preprocessing.
     # accum_steps: gradient accumulation (the batch in accum_steps microbatches); checkpoint_every_steps: besides
     # every epoch end and SIGTERM (0: no more); selection: 'val' keeps the epoch of the best mean (over datasets)
     # val accuracy, evaluated after every epoch (the paper: "select the best model based on validation set
     # performance"; every dataset needs a val split), 'last' keeps the last epoch.
-    c.tsm = dict(checkpoint="openai/clip-vit-base-patch16", epochs=30, batch_size=128,
+    c.tsm = dict(checkpoint="google/vit-base-patch16-224-in21k", epochs=30, batch_size=128,
                  optim=dict(name="adamw", lr=1e-5, weight_decay=0.05, decay_type="cosine"),
                  accum_steps=1, checkpoint_every_steps=0, selection="val")
     c.method = dict(

@@ -95,14 +95,14 @@ def test_init_from_clip(model, tmp_path):
     ckpt = convert_clip.write_random_checkpoint(tmp_path / "clip", seed=3, vision=dict(image_size=16, patch_size=8))
     clip_model, clip_params = convert_clip.from_pretrained(ckpt)
     assert clip_model.vision == VISION
-    params = tsm.init_from_clip(model, clip_params)
+    params = tsm.init_from_tower(model, clip_params)
     jax.tree.map(np.testing.assert_array_equal, params["tower"], clip_params["vision_model"])
     assert params["head"]["kernel"].shape == (32, C) and params["head"]["bias"].shape == (C,)
     x = _batch(4)["pixel_values"]
     pooled = jax.jit(clip_model.apply, static_argnames="method")({"params": clip_params}, x, method=lambda m, x: m.vision_model(x)[0])
     np.testing.assert_allclose(tsm.exemplar_features(model, params, x), pooled, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError):
-        tsm.init_from_clip(tsm.TSMClassifier(dataclasses.replace(VISION, hidden_size=16,
+        tsm.init_from_tower(tsm.TSMClassifier(dataclasses.replace(VISION, hidden_size=16,
                                                                   intermediate_size=32), C), clip_params)
 
 
@@ -232,3 +232,32 @@ def test_vitask_tsm_selection_keeps_the_best_val_epoch(model):
     assert fit.best_epoch == int(np.argmax(acc)) and fit.best_epoch != len(acc) - 1, acc  # not simply the last
     np.testing.assert_allclose(val_accuracy(fit.best_params), max(acc), atol=1e-9)
     np.testing.assert_allclose(val_accuracy(fit.state.params), acc[-1], atol=1e-9)
+
+
+def test_tsm_on_the_papers_vit_in21k_structure(tmp_path):
+    # VITask's TSM is "a ViT base model pre-trained on ImageNet-21K": on the replica of that checkpoint, the TSM's
+    # feature is HF ViTModel's final-layernormed class token (what ViTForImageClassification classifies), its
+    # tower the checkpoint's weights, and the program's loader reads the checkpoint by its model_type.
+    import torch
+    import transformers
+
+    from vlm_jax.programs import vitask as vitask_program
+    from vlm_jax.testing import replicas
+
+    ckpt = replicas.resolve_offline("replica:vit-b16-in21k", str(tmp_path))
+    assert vitask_program.tsm_tower_type(ckpt) == "vit"
+    vision, tower = vitask_program.load_tsm_tower(ckpt)
+    model = tsm.TSMClassifier(vision, C)
+    params = tsm.init_from_tower(model, tower, jax.random.key(0))
+    x = np.random.default_rng(0).standard_normal((2, vision.image_size, vision.image_size, 3)).astype(np.float32)
+    hf = transformers.ViTModel.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        want = hf(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state[:, 0].numpy()
+    np.testing.assert_allclose(tsm.exemplar_features(model, params, x), want, atol=1e-5)
+    assert params["head"]["kernel"].shape == (vision.hidden_size, C)
+    clip_dir = convert_clip.write_random_checkpoint(tmp_path / "clip", seed=3, vision=dict(image_size=16, patch_size=8))
+    assert vitask_program.tsm_tower_type(str(clip_dir)) == "clip"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(Exception, match="the TSM takes an HF ViT"):
+        vitask_program.tsm_tower_type(str(tmp_path / "other"))

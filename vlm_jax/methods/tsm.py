@@ -1,11 +1,13 @@
-"""VITask's task-specific model (TSM), pure pieces: a CLIP/ViT vision tower + a linear head, trained jointly over
+"""VITask's task-specific model (TSM), pure pieces: a ViT (HF `vit`, the paper's ViT-B/16-IN21k) or CLIP vision tower
++ a linear head, trained jointly over
 several datasets with one head whose softmax is masked to each sample's own dataset (METHODS.md, VITask: one
 joint 70-way model over the 12 MedMNIST datasets). The exemplar fed to VITask's connector is the tower's pooled
 class-token feature (`exemplar_features`).
 
 Parameter tree of `TSMClassifier` (plain dicts after `nn.meta.unbox`):
 
-    {'tower': <a CLIPVisionTower's params, i.e. the subtree CLIP keeps under 'vision_model'>,
+    {'tower': <a CLIPVisionTower's params (the subtree CLIP keeps under 'vision_model'), or a ViT's without its
+               pooler / classifier>,
      'head':  {'kernel': f32[D, C] ('embed', 'classes'), 'bias': f32[C] ('classes',)}}
 
 so param groups read e.g. `(r"tower/.*", 0.1), (r"head/.*", 1.0)` (or `PARAM_GROUPS`).
@@ -24,6 +26,7 @@ logit > 0 (sigmoid > 0.5). Single-label samples of the same batch keep the maske
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -34,7 +37,7 @@ import numpy as np
 import optax
 
 from vlm_jax.data import features as feats
-from vlm_jax.models import clip
+from vlm_jax.models import clip, vit
 
 Dtype = jnp.dtype
 NEG = -1e9  # "minus infinity" that stays finite (no inf - inf NaNs), exact enough in bf16 too
@@ -42,15 +45,17 @@ PARAM_GROUPS = ((r"tower/.*", 1.0), (r"head/.*", 1.0))  # full fine-tuning, as t
 
 
 class TSMClassifier(nn.Module):
-    """CLIPVisionTower + linear head.
+    """Vision tower + linear head.
 
     Attributes:
-      vision: the tower's `clip.VisionConfig`.
+      vision: the tower's config: a `vit.ViTConfig` (HF ViT; the feature is the final-layernormed class token,
+        what `ViTForImageClassification`'s classifier reads) or a `clip.VisionConfig` (the feature is CLIP's
+        pooled output, post_layernorm of the class token).
       num_classes: C, total classes over all jointly trained datasets.
       dtype, param_dtype, attention_impl: as `clip.CLIPVisionTower`.
     """
 
-    vision: clip.VisionConfig
+    vision: clip.VisionConfig | vit.ViTConfig
     num_classes: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -63,8 +68,13 @@ class TSMClassifier(nn.Module):
         feature is the tower's pooled output (post_layernorm of the last layer's class token).
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        feature, _ = clip.CLIPVisionTower(self.vision, attention_impl=self.attention_impl, name="tower",
-                                          **kw)(pixel_values)
+        if isinstance(self.vision, vit.ViTConfig):
+            cfg = dataclasses.replace(self.vision, pooler=False, num_labels=0)
+            feature = vit.ViT(cfg, attention_impl=self.attention_impl, name="tower", **kw)(
+                pixel_values)["last_hidden_state"][:, 0]
+        else:
+            feature, _ = clip.CLIPVisionTower(self.vision, attention_impl=self.attention_impl, name="tower",
+                                              **kw)(pixel_values)
         part = nn.with_logical_partitioning
         logits = nn.Dense(self.num_classes, kernel_init=part(nn.initializers.lecun_normal(), ("embed", "classes")),
                           bias_init=part(nn.initializers.zeros_init(), ("classes",)), name="head", **kw)(feature)
@@ -150,13 +160,14 @@ def init_params(model: TSMClassifier, rng: jax.Array):
     return nn.meta.unbox(jax.jit(model.init)(rng, *model.init_inputs())["params"])
 
 
-def init_from_clip(model: TSMClassifier, clip_params, rng: jax.Array | None = None):
-    """TSM params with the tower copied from a loaded CLIP checkpoint and a freshly initialised head.
+def init_from_tower(model: TSMClassifier, tower_params, rng: jax.Array | None = None):
+    """TSM params with the tower copied from a loaded checkpoint and a freshly initialised head.
 
     Args:
       model: the TSM; its `vision` config must match the checkpoint's vision tower.
-      clip_params: a `CLIP` params tree (e.g. from `vlm_jax.convert.clip.from_pretrained`, reads its
-        'vision_model' subtree) or directly a `CLIPVisionTower` tree.
+      tower_params: a `CLIP` params tree (e.g. from `vlm_jax.convert.clip.from_pretrained`, reads its
+        'vision_model' subtree), a `CLIPVisionTower` tree, or a `vit.ViT` tree (from `vlm_jax.convert.vit`; its
+        pooler and classifier, which the TSM does not use, are dropped).
       rng: head init key (default key 0).
 
     Raises:
@@ -164,14 +175,17 @@ def init_from_clip(model: TSMClassifier, clip_params, rng: jax.Array | None = No
     """
     rng = jax.random.key(0) if rng is None else rng
     shapes = nn.meta.unbox(jax.eval_shape(model.init, rng, *model.init_inputs())["params"])
-    tower = nn.meta.unbox(clip_params)
+    tower = nn.meta.unbox(tower_params)
     tower = tower.get("vision_model", tower)
+    if isinstance(model.vision, vit.ViTConfig):
+        tower = {k: v for k, v in tower.items() if k not in ("pooler", "classifier")}
     want, got = jax.tree.structure(shapes["tower"]), jax.tree.structure(tower)
     if want != got:
-        raise ValueError(f"CLIP vision params do not match the TSM tower:\n{got}\nvs\n{want}")
+        raise ValueError(f"vision params do not match the TSM tower:\n{got}\nvs\n{want}")
     for (path, s), t in zip(jax.tree_util.tree_leaves_with_path(shapes["tower"]), jax.tree.leaves(tower)):
         if tuple(s.shape) != tuple(t.shape):
-            raise ValueError(f"tower{jax.tree_util.keystr(path)}: CLIP {tuple(t.shape)} vs TSM {tuple(s.shape)}")
+            raise ValueError(f"tower{jax.tree_util.keystr(path)}: checkpoint {tuple(t.shape)} vs TSM "
+                             f"{tuple(s.shape)}")
     head_rng = jax.random.fold_in(rng, 1)
     head = nn.Dense(model.num_classes, param_dtype=model.param_dtype,
                     kernel_init=nn.initializers.lecun_normal()).init(

@@ -61,6 +61,7 @@ from vlm_jax import config_utils, errors
 from vlm_jax.convert import clip as clip_convert
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader
+from vlm_jax.convert import vit as vit_convert
 from vlm_jax.data import features as feats
 from vlm_jax.data import chat, medmnist, preprocess, tokenize, vitask_tasks
 from vlm_jax.eval import lvlm_classify, retrieval
@@ -178,6 +179,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
                                "answer; use --config.method.eval_mode=generate (or both: its likelihood cells stay "
                                "empty)")
     clip_dir = runner.resolve_checkpoint(sc.checkpoint, "configs/vitask.py")
+    tsm_tower_type(clip_dir)
     instructions = [d.instruction(dc.full_instruction) for d in task.datasets]
     label_responses = [d.label_responses() for d in task.datasets]
     texts = (instructions + [r for rs in label_responses for r in rs] +
@@ -194,6 +196,28 @@ def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
                   preprocess.image_settings(ckpt), preprocess.image_settings(clip_dir), seqs)
 
 
+TSM_TOWERS = ("vit", "clip")  # model_type of tsm.checkpoint's config.json
+
+
+def tsm_tower_type(ckpt: str) -> str:
+    """The TSM checkpoint's model_type ('vit': HF ViT, the paper's ViT-B/16-IN21k; 'clip': a CLIP's vision tower);
+    anything else is one UserError line."""
+    kind = loader.read_config(ckpt).get("model_type")
+    if kind not in TSM_TOWERS:
+        raise errors.UserError(f"tsm.checkpoint {ckpt} holds a {kind!r} model; the TSM takes an HF ViT (e.g. "
+                               "google/vit-base-patch16-224-in21k, the paper's) or a CLIP checkpoint")
+    return kind
+
+
+def load_tsm_tower(ckpt: str):
+    """(vision config, tower params) of the TSM checkpoint, float32 (the TSM is fully fine-tuned)."""
+    if tsm_tower_type(ckpt) == "vit":
+        model, params = vit_convert.from_pretrained(ckpt, dtype=jnp.float32)
+        return model.cfg, params
+    model, params = clip_convert.from_pretrained(ckpt, dtype=jnp.float32)
+    return model.vision, params
+
+
 def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
     """The TSM: one head over the union of the labels, each sample's softmax (or BCE) on its own dataset's; its
     epoch chosen on val (the paper: "select the best model based on validation set performance").
@@ -203,10 +227,10 @@ def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
     """
     sc, task, train = config.tsm, inp.task, inp.task.train
     multi = any(d.multi_label for d in task.datasets)
-    clip_model, clip_params = clip_convert.from_pretrained(inp.clip_dir, dtype=jnp.float32)
-    tsm_model = tsm_lib.TSMClassifier(clip_model.vision, task.num_classes)
-    tsm_params = tsm_lib.init_from_clip(tsm_model, clip_params, jax.random.fold_in(rng, 1))
-    del clip_params
+    vision, tower_params = load_tsm_tower(inp.clip_dir)
+    tsm_model = tsm_lib.TSMClassifier(vision, task.num_classes)
+    tsm_params = tsm_lib.init_from_tower(tsm_model, tower_params, jax.random.fold_in(rng, 1))
+    del tower_params
     n, bs = len(train), runner.batch_size(sc.batch_size, len(train), mesh)
 
     def tsm_batch(idx, epoch, i):
