@@ -36,7 +36,7 @@ def test_vladva_on_the_qwen_replica(tmp_path, qwen_replica, optimized_env):
     out = _run(tmp_path, optimized_env, "--config=configs/vladva.py",
                f"--config.model.checkpoint={qwen_replica}",
                "--config.data.name=builtin", "--config.clip_checkpoint=", "--config.data.train_limit=16",
-               "--config.train.batch_size=8", "--config.data.batch_size=10")
+               "--config.train.batch_size=8", "--config.data.eval_batch_size=10")
     assert out["train_pairs"] == 16 and len(out["history"]) == 1
     # The long rows were derived from the checkpoint: 729 image tokens + the prompt + a caption.
     assert out["long_len"] > 729 + 10

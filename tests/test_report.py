@@ -7,6 +7,7 @@ import pytest
 
 from vlm_jax import config_utils
 from vlm_jax.eval import report
+from vlm_jax.methods import fewshot_registry
 
 
 def _runs():
@@ -26,7 +27,7 @@ def test_summarize_mean_std_over_seeds():
 
 
 def test_table_rows_in_paper_order_with_blank_cells():
-    md = report.table(report.summarize(_runs()), "demo")
+    md = report.table(report.summarize(_runs()), "demo", display=fewshot_registry.display_names())
     lines = md.splitlines()
     assert lines[0] == "### demo"
     assert lines[2] == "| method | 1-shot | 4-shot |"
@@ -42,7 +43,8 @@ def test_protocols_side_by_side_with_marks_and_notes():
     assert realistic["dualadapter"][1] == {"mean": 45.0, "std": 5.0, "n": 2}
     assert report.summarize(_runs(), protocol="realistic") == {}  # runs without the protocol are skipped
     md = report.protocols_table({"paper": paper, "realistic": realistic}, "demo",
-                                marks={"dualadapter": " ‡"}, notes=["‡ a note."])
+                                marks={"dualadapter": " ‡"}, notes=["‡ a note."],
+                                display=fewshot_registry.display_names())
     lines = md.splitlines()
     assert lines[2] == "| method | 1-shot paper | 1-shot realistic | 4-shot paper | 4-shot realistic |"
     assert lines[4] == "| Zero-shot CLIP | 40.00 ± 0.00 |  |  |  |"

@@ -94,10 +94,6 @@ def _load(item, pp) -> np.ndarray:
     return preprocess.preprocess_image(_source(item), pp)  # the LVLM's own processor settings
 
 
-def _load_clip(item, pp) -> np.ndarray:
-    return preprocess.clip_preprocess(preprocess.load_image(_source(item)), **pp)
-
-
 def _batched(fn, items, make, mesh, batch_size) -> np.ndarray:
     """fn(batch) over items in fixed-size (padded) batches sharded on the mesh; f32[len(items), D].
 
@@ -158,18 +154,18 @@ def lvlm_embedders(model, base, tokens, pp, mesh, batch_size, lora=None, lora_kw
 
 
 def clip_embedders(checkpoint: str, mesh, batch_size):
-    """(embed_images, embed_texts) of a CLIP checkpoint: the baseline on the same suite."""
+    """(embed_images, embed_texts) of a dual encoder (HF CLIP / SigLIP, open_clip): the baseline on the same suite."""
     from vlm_jax.programs import fewshot_clip
 
     bb = fewshot_clip.Backbone(checkpoint, "float32", mesh)
 
     def embed_images(items):
         return _batched(lambda x: bb.encode_image(bb.params, x), items,
-                        lambda xs: np.stack([_load_clip(x, bb.pp) for x in xs]), mesh, batch_size)
+                        lambda xs: np.stack([_load(x, bb.pp) for x in xs]), mesh, batch_size)
 
     def embed_texts(texts):
         def make(cs):
-            ids, mask = tokenize.tokenize(bb.tokenizer, cs, bb.model.text.max_position_embeddings)
+            ids, mask = bb.enc.tokenize(cs)  # the checkpoint's own tokenizer and text length
             return np.stack([ids, mask], axis=1)
         return _batched(lambda t: bb.encode_text(bb.params, t), texts, make, mesh, batch_size)
 
