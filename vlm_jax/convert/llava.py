@@ -18,6 +18,7 @@ The export uses the hub's names, which every transformers version reads.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 import flax.linen as nn
@@ -171,25 +172,23 @@ REPLICA_PREFIX = "replica:"
 
 def resolve_checkpoint(spec: str, cache_root: str, texts, config_file: str) -> str:
     """A LLaVA checkpoint directory for `spec`: a local dir, a hub id in the HF cache, or an offline replica
-    'replica:<name>' (`vlm_jax.testing.replicas`: 'replica:llava-1.5', 'replica:llava-interleave-qwen').
+    'replica:<name>[?qk_std=<float>]' (`vlm_jax.testing.replicas`: 'replica:llava-1.5',
+    'replica:llava-interleave-qwen'; `qk_std`: the std of its LM's q_proj / k_proj kernels, see that module).
 
-    A replica's tokenizer is trained on `texts` (the run's prompts and captions), so its folder is keyed by them:
-    a run with other texts never picks up a tokenizer that splits them differently. A missing checkpoint is one
-    UserError line that also points at `config_file`'s offline `:runlocal` default.
+    A replica's tokenizer is trained on `texts` (the run's prompts and captions), so its folder is keyed by them
+    (and by its options): a run with other texts never picks up a tokenizer that splits them differently. A
+    missing checkpoint is one UserError line that also points at `config_file`'s offline `:runlocal` default.
     """
     from vlm_jax.errors import UserError
 
     if spec.startswith(REPLICA_PREFIX):
         from vlm_jax.testing import replicas
 
-        name = spec[len(REPLICA_PREFIX):]
-        if name not in replicas.REPLICAS:
-            raise UserError(f"unknown replica {spec!r}; known: "
-                            f"{', '.join(REPLICA_PREFIX + n for n in replicas.REPLICAS)}")
-        path = pathlib.Path(cache_root) / f"replica-{name}-{texts_key(texts)}"
+        name, options = parse_replica_spec(spec)
+        path = pathlib.Path(cache_root) / f"replica-{name}-{texts_key(texts, options)}"
         if not (path / "config.json").exists():
             try:
-                replicas.write_replica(name, path, texts)
+                replicas.write_replica(name, path, texts, **options)
             except FileExistsError:  # another run wrote it first (the write is atomic): use theirs
                 pass
         return str(path)
@@ -202,9 +201,34 @@ def resolve_checkpoint(spec: str, cache_root: str, texts, config_file: str) -> s
         raise UserError(f"{e} (or try the offline default: --config={config_file}:runlocal)") from None
 
 
-def texts_key(texts) -> str:
-    """A short stable key of a replica's tokenizer corpus (for cache folder names)."""
+def parse_replica_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """'replica:<name>[?qk_std=<float>]' -> (name, {'qk_std': float} or {}); anything else is a UserError."""
+    from vlm_jax.errors import UserError
+    from vlm_jax.testing import replicas
+
+    name, _, query = spec[len(REPLICA_PREFIX):].partition("?")
+    if name not in replicas.REPLICAS:
+        raise UserError(f"unknown replica {spec!r}; known: "
+                        f"{', '.join(REPLICA_PREFIX + n for n in replicas.REPLICAS)}")
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key != "qk_std" or not eq:
+            raise UserError(f"replica option {item!r} in {spec!r} is not known: the only one is qk_std=<float>")
+        try:
+            std = float(value)
+        except ValueError:
+            std = math.nan
+        if not (math.isfinite(std) and std > 0):
+            raise UserError(f"replica option {item!r} in {spec!r}: qk_std must be a finite number > 0")
+        options[key] = std
+    return name, options
+
+
+def texts_key(texts, options=None) -> str:
+    """A short stable key of a replica's tokenizer corpus and options (for cache folder names)."""
     import hashlib
 
     # The salt changes whenever the replicas' structure or weights do, so a stale cached one is never reused.
-    return hashlib.sha256("\x00".join(["replica-v1", *texts]).encode()).hexdigest()[:12]
+    extra = [f"{k}={v!r}" for k, v in sorted((options or {}).items())]
+    return hashlib.sha256("\x00".join(["replica-v1", *texts, *extra]).encode()).hexdigest()[:12]

@@ -14,6 +14,12 @@ Only the widths and depths shrink, and the vocabulary is what a small corpus tra
 
 Weights are random (numpy noise on a Flax init) and written with `vlm_jax.convert.llava.to_hf`, so no torch is
 needed; `LlavaForConditionalGeneration.from_pretrained` loads them (tests check that HF runs every replica).
+
+`qk_std` (`write_replica`, or the spec 'replica:llava-1.5?qk_std=0.5' of `convert.llava.resolve_checkpoint`) sets
+the std of the LM's q_proj / k_proj kernels apart from the others' 0.05. At 0.05 the LM's attention logits have a
+std of ~0.1, so every text position averages the 576 image tokens almost uniformly: its hidden state carries little
+more than the image's mean colour, and a few fine-tuning steps cannot read a class out of it. At 0.5 (logits std
+~8) attention is selective, as a trained LM's is; the VITask `:runlocal` demo uses it so its toy learns to answer.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ CHATML_IMAGE_TEMPLATE = (
     "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] }}{% endfor %}{{'<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# The std of random_params' weights; `qk_std` overrides it for the LM's attention queries and keys.
+INIT_STD = 0.05
+QK_KERNELS = r"language_model/.*/(q_proj|k_proj)/kernel"
 
 # Text every replica's tokenizer is trained on, besides the caller's corpus (so common words are whole pieces).
 _BASE_CORPUS = (
@@ -165,7 +175,7 @@ def _to_hub_layout(out: pathlib.Path) -> None:
 
 
 def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int = 0, layout: str = "hub",
-                  dtype=None) -> pathlib.Path:
+                  dtype=None, qk_std: float = INIT_STD) -> pathlib.Path:
     """Writes the replica `name` (a key of REPLICAS) into `out_dir`, atomically.
 
     Args:
@@ -176,6 +186,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
       layout: 'hub' (preprocessor_config.json + chat_template.json, as the hub repos) or 'transformers5' (what
         transformers 5's `save_pretrained` writes: both inside processor_config.json / chat_template.jinja).
       dtype: weights' dtype (jnp dtype; default float32).
+      qk_std: std of the LM's q_proj / k_proj kernels (see the module doc; the default is every weight's).
 
     Returns:
       The checkpoint directory.
@@ -220,7 +231,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
                           projector_hidden_act="gelu", tie_word_embeddings=r.tie_word_embeddings,
                           pad_token_id=tok.pad_token_id)
         model = Llava(LlavaConfig.from_hf(config), param_dtype=dtype or jnp.float32)
-        params = random_params(model, seed)
+        params = random_params(model, seed, stds={QK_KERNELS: qk_std} if qk_std != INIT_STD else None)
         files = {f.name: f.read_bytes() for f in stage.iterdir() if f.is_file()}
         written = llava_convert.to_hf(model, params, tmp / "final", extra_files=files)
         if out.exists():
@@ -232,23 +243,33 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
     return out
 
 
-def random_params(model, seed: int) -> dict:
+def random_params(model, seed: int, stds: dict[str, float] | None = None) -> dict:
     """Random numpy params of the model's shape tree, without compiling its init (seconds on 2 cores).
 
     Norm scales are 1 + N(0, 0.05), everything else N(0, 0.05): non-degenerate (HF's init leaves norms at 1 and
     biases at 0, which would hide mapping bugs), so every tensor's mapping matters in a parity check.
+
+    Args:
+      model: a Flax model with `init_inputs()`.
+      seed: numpy seed; the draws are the same whatever `stds` says (only their scale changes).
+      stds: {regex: std} for the params whose '/'-joined path fully matches it (the first match wins) instead
+        of INIT_STD.
     """
+    import re
+
     import jax
     import numpy as np
     from flax import linen as nn
 
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs())["params"])
     rng = np.random.default_rng(seed)
+    rules = [(re.compile(rx), std) for rx, std in (stds or {}).items()]
 
     def leaf(path, x):
-        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
-        base = 1.0 if name == "scale" else 0.0
-        return (base + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+        keys = [str(p.key if hasattr(p, "key") else p) for p in path]
+        base = 1.0 if keys[-1] == "scale" else 0.0
+        std = next((s for rx, s in rules if rx.fullmatch("/".join(keys))), INIT_STD)
+        return (base + std * rng.standard_normal(x.shape)).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
@@ -259,10 +280,12 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--layout", default="hub", choices=["hub", "transformers5"])
     parser.add_argument("--corpus", default=None, help="a text file whose lines join the tokenizer's corpus")
+    parser.add_argument("--qk-std", type=float, default=INIT_STD,
+                        help="std of the LM's q_proj / k_proj kernels (0.5: selective attention; see the module doc)")
     args = parser.parse_args(argv)
     corpus = pathlib.Path(args.corpus).read_text().splitlines() if args.corpus else ()
     try:
-        path = write_replica(args.name, args.out_dir, corpus, layout=args.layout)
+        path = write_replica(args.name, args.out_dir, corpus, layout=args.layout, qk_std=args.qk_std)
     except (FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
