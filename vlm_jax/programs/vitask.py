@@ -460,7 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "tsm.epochs": 1, "tsm.batch_size": 1, "tsm.optim.lr": 0, "train.batch_size": 1, "train.optim.lr": 0,
         "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.vanilla_epochs": 0, "method.lora_rank": 1,
         "method.alpha": 0, "method.beta": 0, "data.eval_batch_size": 1, "data.test_limit": 0, "data.train_limit": 0,
-        "data.val_limit": 0,
+        "data.val_limit": 0, "method.stage2_lr_scale": 0,
         "method.connector_hidden": 0}, {"method.eval_mode": EVAL_MODES,
                                         "method.rda_direction": vitask.DIRECTIONS,
                                         "tsm.selection": ("val", "last")})
@@ -581,10 +581,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 yield b
         return epoch_batches
 
-    def fit_lvlm(name, params, groups, stage, epochs, seed):
+    def fit_lvlm(name, params, groups, stage, epochs, seed, lr_scale=1.0):
         loss_fn = make_loss_fn(forward, stage=stage, pad_id=seqs.pad, alpha=mc.alpha, beta=mc.beta,
                                rda_direction=mc.rda_direction, **lora_kw)
-        f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=tc.optim.to_dict(),
+        optim = dict(tc.optim.to_dict(), lr=tc.optim.lr * lr_scale)
+        f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=optim,
                         num_epochs=epochs, steps_per_epoch=steps, epoch_batches=lvlm_batches(seed, stage == 2),
                         mesh=mesh, rng=jax.random.fold_in(rng, seed), workdir=workdir, writer=writer, name=name,
                         log_every_s=10.0, checkpoint_every_steps=tc.get("checkpoint_every_steps", 0),
@@ -607,7 +608,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     h2 = []
     p2 = p1
     if mc.stage2_epochs:
-        p2, h2 = fit_lvlm("vitask_stage2", p1, [("lora/.*", 1.0)], 2, mc.stage2_epochs, 12)
+        p2, h2 = fit_lvlm("vitask_stage2", p1, [("lora/.*", 1.0)], 2, mc.stage2_epochs, 12, mc.stage2_lr_scale)
     sha2 = _sha(p2["connector"])
 
     # ---- 3. Evaluation, each sample against its own dataset's label set.
