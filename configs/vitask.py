@@ -9,9 +9,9 @@ Usage:
   ... --config.data.name=dermamnist,bloodmnist,chestmnist,folder:/data/my_xrays --config.method.eval_mode=generate
 
 The paper publishes neither alpha, beta, the LoRA rank, lr nor the batch size: the defaults here are alpha = beta
-= 1, LoRA rank 16 / alpha 16 on the LM's linear layers (as VladVA), lr 1e-4, one epoch per stage (as the paper);
-the vanilla baseline trains as many steps as both stages together (method.vanilla_epochs), the TSM's epoch is
-chosen on the val split (tsm.selection).
+= 1, LoRA rank 16 / alpha 16 on the LM's linear layers (as VladVA), lr 1e-4 for both stages
+(method.stage2_lr_scale = 1), one epoch per stage (as the paper); the vanilla baseline trains as many steps as both
+stages together (method.vanilla_epochs), the TSM's epoch is chosen on the val split (tsm.selection).
 """
 
 import ml_collections
@@ -58,6 +58,9 @@ def get_config(arg=None):
     c.method = dict(
         alpha=1.0, beta=1.0, rda_direction="student_teacher",
         stage1_epochs=1, stage2_epochs=1,
+        # Stage 2's lr = train.optim.lr x this. Stage 2 restarts the optimizer on stage 1's LoRA, and Adam's first
+        # steps move every weight by ~lr whatever its gradient: a lower lr keeps them from undoing stage 1.
+        stage2_lr_scale=1.0,
         # The vanilla baseline's epochs: 0 = stage1_epochs + stage2_epochs, i.e. as many steps as VITask's two
         # stages together (same batch size, so the same steps per epoch): a fair compute budget.
         vanilla_epochs=0,
@@ -74,15 +77,23 @@ def get_config(arg=None):
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
     if arg.runlocal:
-        c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths
+        # llava-1.5-7b-hf's structure (576 image tokens) at tiny widths, random weights with selective attention
+        # (q/k kernels std 0.5, `testing.replicas`): at the replicas' default 0.05 every position averages the
+        # image tokens almost uniformly, and the toy never learnt to name a label (100% unmatched answers).
+        c.model.checkpoint = "replica:llava-1.5?qk_std=0.5"
         c.tsm.checkpoint = "builtin:tiny-clip"
         c.data.name = "builtin_a,builtin_b"  # joint training offline: two disjoint 5-class halves of the photos
-        c.data.train_limit, c.data.test_limit, c.data.eval_batch_size = 16, 10, 10  # per dataset
+        c.data.train_limit, c.data.test_limit, c.data.eval_batch_size = 24, 10, 10  # per dataset
         c.data.val_limit = 10
         c.tsm.epochs, c.tsm.batch_size = 3, 16
         c.tsm.optim.lr = 1e-3
-        c.method.lora_rank, c.method.lora_alpha = 4, 4.0
-        c.method.stage1_epochs, c.method.stage2_epochs = 2, 1
-        c.train.batch_size = 16
-        c.train.optim.lr = 3e-3
+        # LoRA on the LM head only, full rank, at a high lr: a random LM has nothing in its layers worth adapting,
+        # and the head reads the image features out as label words in a few dozen steps, cheaply (no backward pass
+        # through the layers, except stage 1's into the exemplar connector). Batch 8: 6 steps per epoch; vanilla
+        # 30 steps, VITask 24 + 6, stage 2 at lr / 10 (`method.stage2_lr_scale`).
+        c.method.lora_targets = [r"language_model/lm_head/kernel"]
+        c.method.lora_rank, c.method.lora_alpha = 32, 32.0
+        c.method.stage1_epochs, c.method.stage2_epochs, c.method.stage2_lr_scale = 4, 1, 0.1
+        c.train.batch_size = 8
+        c.train.optim.lr = 0.1
     return c

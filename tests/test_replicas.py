@@ -156,3 +156,33 @@ def test_chat_template_errors(tmp_path):
     with pytest.raises(ValueError, match="one '{}'"):
         chat.load_chat_template(tmp_path, "USER: ASSISTANT:")
     assert chat.load_chat_template(tmp_path, "USER: {} ASSISTANT:") == "USER: {} ASSISTANT:"
+
+
+def test_qk_std_replica_spec(tmp_path):
+    """'replica:llava-1.5?qk_std=0.5' (VITask's :runlocal toy): the plain replica's random draws with the LM's
+    q_proj / k_proj kernels, and nothing else, scaled to std 0.5; its own cache folder, the plain spec's unchanged."""
+    import hashlib
+    import re
+
+    from flax import traverse_util
+
+    from vlm_jax.errors import UserError
+
+    texts = ["Analyze the given photo image. The possible diagnoses are: cat, coin.", "cat.", "coin."]
+    path = replicas.resolve_offline("replica:llava-1.5?qk_std=0.5", str(tmp_path), texts)
+    model, params = llava_convert.from_pretrained(path)
+    plain = traverse_util.flatten_dict(replicas.random_params(model, 0), sep="/")
+    got = traverse_util.flatten_dict(params, sep="/")
+    qk = [k for k in plain if re.fullmatch(replicas.QK_KERNELS, k)]
+    assert len(qk) == 2 * replicas.REPLICAS["llava-1.5"].text["num_hidden_layers"]
+    for k, want in plain.items():
+        scale = 0.5 / replicas.INIT_STD if k in qk else 1.0
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want) * scale, rtol=1e-6, atol=1e-7, err_msg=k)
+    assert 0.45 < float(np.std(got[qk[0]])) < 0.55
+    # The plain spec keeps the cache key it always had (existing replica folders stay valid); options get theirs.
+    old_key = hashlib.sha256("\x00".join(["replica-v1", *texts]).encode()).hexdigest()[:12]
+    assert replicas.texts_key(texts) == old_key and not path.endswith(old_key)
+    for spec, message in [("replica:llava-1.5?qk=1", "is not known"), ("replica:llava-1.5?qk_std=-1", "> 0"),
+                          ("replica:llava-1.5?qk_std=x", "> 0"), ("replica:nope?qk_std=1", "unknown replica")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            replicas.parse_replica_spec(spec)

@@ -162,7 +162,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
         "tsm.epochs": 1, "tsm.batch_size": 1, "tsm.optim.lr": 0, "train.batch_size": 1, "train.optim.lr": 0,
         "method.stage1_epochs": 1, "method.stage2_epochs": 0, "method.vanilla_epochs": 0, "method.lora_rank": 1,
         "method.alpha": 0, "method.beta": 0, "data.eval_batch_size": 1, "data.test_limit": 0, "data.train_limit": 0,
-        "data.val_limit": 0,
+        "data.val_limit": 0, "method.stage2_lr_scale": 0,
         "method.connector_hidden": 0}, {"method.eval_mode": EVAL_MODES,
                                         "method.rda_direction": vitask.DIRECTIONS,
                                         "tsm.selection": ("val", "last")})
@@ -283,11 +283,12 @@ def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, r
             return b
         return runner.epoch_batches(n, bs, [config.rng_seed, seed], make)
 
-    def fit_lvlm(name, params, groups, stage, epochs, seed):
+    def fit_lvlm(name, params, groups, stage, epochs, seed, lr_scale=1.0):
         loss_fn = vitask.make_loss_fn(forward, stage=stage, pad_id=seqs.pad, alpha=mc.alpha, beta=mc.beta,
                                       rda_direction=mc.rda_direction, lora_alpha=mc.lora_alpha,
                                       lora_rank=mc.lora_rank)
-        f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=tc.optim.to_dict(),
+        optim = dict(tc.optim.to_dict(), lr=tc.optim.lr * lr_scale)
+        f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=optim,
                         num_epochs=epochs, steps_per_epoch=steps, epoch_batches=lvlm_batches(seed, stage == 2),
                         mesh=mesh, rng=jax.random.fold_in(rng, seed), workdir=workdir, writer=writer, name=name,
                         log_every_s=10.0, checkpoint_every_steps=tc.get("checkpoint_every_steps", 0),
@@ -310,7 +311,7 @@ def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, r
     params["stage2"], hist["stage2"] = params["stage1"], []
     if mc.stage2_epochs:
         params["stage2"], hist["stage2"] = fit_lvlm("vitask_stage2", params["stage1"], [("lora/.*", 1.0)], 2,
-                                                    mc.stage2_epochs, 12)
+                                                    mc.stage2_epochs, 12, mc.stage2_lr_scale)
     return params, hist, steps_of
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The std of random_params' weights (norm scales: 1 + noise of that std).
+INIT_STD = 0.05
+
 # Words every replica's tokenizer keeps whole: the programs' default prompts and instructions.
 BASE_CORPUS = (
     "USER: ASSISTANT: What is shown in this image? Describe the image in detail. Summary above image in one word: "
@@ -10,22 +13,32 @@ BASE_CORPUS = (
     "with cars and people. 0123456789 ,.;:!?'\"()[]-_/ \n")
 
 
-def random_params(model, seed: int) -> dict:
+def random_params(model, seed: int, stds: dict[str, float] | None = None) -> dict:
     """Random numpy params of the model's shape tree, without compiling its init (seconds on 2 cores).
 
     Norm scales are 1 + N(0, 0.05), everything else N(0, 0.05): non-degenerate (HF's init leaves norms at 1 and
     biases at 0, which would hide mapping bugs), so every tensor's mapping matters in a parity check.
+
+    Args:
+      model: a Flax model with `init_inputs()`.
+      seed: numpy seed; the draws are the same whatever `stds` says (only their scale changes).
+      stds: {regex: std} for the params whose '/'-joined path fully matches it (the first match wins) instead
+        of INIT_STD.
     """
+    import re
+
     import jax
     import numpy as np
     from flax import linen as nn
 
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *model.init_inputs())["params"])
     rng = np.random.default_rng(seed)
+    rules = [(re.compile(rx), std) for rx, std in (stds or {}).items()]
 
     def leaf(path, x):
-        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
-        base = 1.0 if name == "scale" else 0.0
-        return (base + 0.05 * rng.standard_normal(x.shape)).astype(x.dtype)
+        keys = [str(p.key if hasattr(p, "key") else p) for p in path]
+        base = 1.0 if keys[-1] == "scale" else 0.0
+        std = next((s for rx, s in rules if rx.fullmatch("/".join(keys))), INIT_STD)
+        return (base + std * rng.standard_normal(x.shape)).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)

@@ -14,6 +14,12 @@ Only the widths and depths shrink, and the vocabulary is what a small corpus tra
 
 Weights are random (numpy noise on a Flax init) and written with `vlm_jax.convert.llava.to_hf`, so no torch is
 needed; `LlavaForConditionalGeneration.from_pretrained` loads them (tests check that HF runs every replica).
+
+`qk_std` (`write_replica`, or the spec 'replica:llava-1.5?qk_std=0.5' of `resolve_offline`) sets the std of the LM's
+q_proj / k_proj kernels apart from the others' 0.05. At 0.05 the LM's attention logits have a std of ~0.1, so every
+text position averages the 576 image tokens almost uniformly: its hidden state carries little more than the image's
+mean colour, and a few fine-tuning steps cannot read a class out of it. At 0.5 (logits std ~8) attention is
+selective, as a trained LM's is; the VITask `:runlocal` demo uses it so its toy learns to answer.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ import tempfile
 from collections.abc import Sequence
 
 from vlm_jax.testing import replicas_internvl
-from vlm_jax.testing.common import BASE_CORPUS as _BASE_CORPUS, random_params  # noqa: F401 (re-exported)
+from vlm_jax.testing.common import BASE_CORPUS as _BASE_CORPUS, INIT_STD, random_params  # noqa: F401 (re-exported)
 from vlm_jax.testing.replicas_qwen2_vl import QWEN2_VL_2B
 from vlm_jax.testing import replicas_vision
+
+# `qk_std` overrides INIT_STD for the LM's attention queries and keys.
+QK_KERNELS = r"language_model/.*/(q_proj|k_proj)/kernel"
 
 # llava-hf/llava-1.5-7b-hf's chat_template.json.
 LLAVA15_CHAT_TEMPLATE = (
@@ -166,7 +175,7 @@ def _to_hub_layout(out: pathlib.Path) -> None:
 
 
 def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int = 0, layout: str = "hub",
-                  dtype=None) -> pathlib.Path:
+                  dtype=None, qk_std: float = INIT_STD) -> pathlib.Path:
     """Writes the replica `name` (a key of REPLICAS) into `out_dir`, atomically.
 
     Args:
@@ -177,6 +186,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
       layout: 'hub' (preprocessor_config.json + chat_template.json, as the hub repos) or 'transformers5' (what
         transformers 5's `save_pretrained` writes: both inside processor_config.json / chat_template.jinja).
       dtype: weights' dtype (jnp dtype; default float32).
+      qk_std: std of the LM's q_proj / k_proj kernels (LLaVA replicas; see the module doc; default: every weight's).
 
     Returns:
       The checkpoint directory.
@@ -225,7 +235,7 @@ def write_replica(name: str, out_dir, corpus: Sequence[str] = (), *, seed: int =
                           projector_hidden_act="gelu", tie_word_embeddings=r.tie_word_embeddings,
                           pad_token_id=tok.pad_token_id)
         model = Llava(LlavaConfig.from_hf(config), param_dtype=dtype or jnp.float32)
-        params = random_params(model, seed)
+        params = random_params(model, seed, stds={QK_KERNELS: qk_std} if qk_std != INIT_STD else None)
         files = {f.name: f.read_bytes() for f in stage.iterdir() if f.is_file()}
         written = llava_convert.to_hf(model, params, tmp / "final", extra_files=files)
         if out.exists():
@@ -249,12 +259,37 @@ def is_offline_spec(spec: str) -> bool:
     return spec.startswith(REPLICA_PREFIX) or spec.startswith("builtin:")
 
 
-def texts_key(texts: Sequence[str]) -> str:
-    """A short stable key of a replica's tokenizer corpus (for cache folder names)."""
+def texts_key(texts: Sequence[str], options: dict[str, float] | None = None) -> str:
+    """A short stable key of a replica's tokenizer corpus and options (for cache folder names)."""
     import hashlib
 
     # The salt changes whenever the replicas' structure or weights do, so a stale cached one is never reused.
-    return hashlib.sha256("\x00".join(["replica-v1", *texts]).encode()).hexdigest()[:12]
+    extra = [f"{k}={v!r}" for k, v in sorted((options or {}).items())]
+    return hashlib.sha256("\x00".join(["replica-v1", *texts, *extra]).encode()).hexdigest()[:12]
+
+
+def parse_replica_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """'replica:<name>[?qk_std=<float>]' -> (name, {'qk_std': float} or {}); anything else is a UserError."""
+    import math
+
+    from vlm_jax.errors import UserError
+
+    name, _, query = spec[len(REPLICA_PREFIX):].partition("?")
+    if name not in REPLICAS:
+        raise UserError(f"unknown replica {spec!r}; known: {', '.join(REPLICA_PREFIX + n for n in REPLICAS)}")
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key != "qk_std" or not eq:
+            raise UserError(f"replica option {item!r} in {spec!r} is not known: the only one is qk_std=<float>")
+        try:
+            std = float(value)
+        except ValueError:
+            std = math.nan
+        if not (math.isfinite(std) and std > 0):
+            raise UserError(f"replica option {item!r} in {spec!r}: qk_std must be a finite number > 0")
+        options[key] = std
+    return name, options
 
 
 def resolve_offline(spec: str, models_dir: str, texts: Sequence[str] = ()) -> str:
@@ -274,16 +309,18 @@ def resolve_offline(spec: str, models_dir: str, texts: Sequence[str] = ()) -> st
     if spec == "builtin:tiny-llava":
         raise UserError("model.checkpoint='builtin:tiny-llava' was replaced by the offline replicas of the real "
                         "checkpoints: use 'replica:llava-1.5' or 'replica:llava-interleave-qwen'")
-    name = spec[len(REPLICA_PREFIX):] if spec.startswith(REPLICA_PREFIX) else None
-    if isinstance(REPLICAS.get(name), replicas_vision.VisionReplica):  # dual encoders / ViT: no tokenizer corpus
-        return str(replicas_vision.cached_replica(name, models_dir))
-    if name not in REPLICAS:
+    if not spec.startswith(REPLICA_PREFIX):
         raise UserError(f"unknown offline checkpoint {spec!r}; known: "
                         f"{', '.join([TINY_CLIP] + [REPLICA_PREFIX + n for n in REPLICAS])}")
-    path = pathlib.Path(models_dir) / f"replica-{name}-{texts_key(texts)}"
+    name, options = parse_replica_spec(spec)
+    if isinstance(REPLICAS[name], replicas_vision.VisionReplica):  # dual encoders / ViT: no tokenizer corpus
+        if options:
+            raise UserError(f"replica options are for the LLaVA replicas, not {spec!r}")
+        return str(replicas_vision.cached_replica(name, models_dir))
+    path = pathlib.Path(models_dir) / f"replica-{name}-{texts_key(texts, options)}"
     if not (path / "config.json").exists():
         try:
-            write_replica(name, path, texts)
+            write_replica(name, path, texts, **options)
         except FileExistsError:  # another run wrote it first (the write is atomic): use theirs
             pass
     return str(path)
@@ -312,10 +349,12 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--layout", default="hub", choices=["hub", "transformers5"])
     parser.add_argument("--corpus", default=None, help="a text file whose lines join the tokenizer's corpus")
+    parser.add_argument("--qk-std", type=float, default=INIT_STD,
+                        help="std of the LM's q_proj / k_proj kernels (0.5: selective attention; see the module doc)")
     args = parser.parse_args(argv)
     corpus = pathlib.Path(args.corpus).read_text().splitlines() if args.corpus else ()
     try:
-        path = write_replica(args.name, args.out_dir, corpus, layout=args.layout)
+        path = write_replica(args.name, args.out_dir, corpus, layout=args.layout, qk_std=args.qk_std)
     except (FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
