@@ -101,14 +101,20 @@ def test_long_captions_capped_at_long_caption_max_tokens(tokens):
     assert ids[n_image:] == tokens.fmt.answer_ids(IMAGE_PROMPT, True, long)[:10]
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--config.data.long_len=100"], "data.long_len=100 cannot hold the 590 tokens of the image prompt (576 image "
                                      "tokens) and a caption: use data.long_len="),
     (["--config.train.epochs=0"], "--config.train.epochs=0 is out of range"),
     (["--config.model.chat_template=USER: ASSISTANT:"], "neither a Jinja template nor a format with one '{}'"),
 ])
-def test_bad_values_are_one_line_before_any_work(tmp_path, overrides, message):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=str(tmp_path / "cache"))
+def test_bad_values_are_one_line_before_any_work(tmp_path, shared_cache, overrides, message):
+    # One cache for the three cases: the replica (same texts, so the same folder) is written once, not per case.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=shared_cache)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
                            "--config=configs/vladva.py:runlocal", f"--workdir={tmp_path / 'run'}", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
