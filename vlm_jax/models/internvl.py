@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from vlm_jax.models import clip as clip_lib
 from vlm_jax.models import llama as llama_lib
-from vlm_jax.models.llava import check_image_tokens, merge_image_features  # noqa: F401 (re-exported)
+from vlm_jax.models.llava import ImageTokenLVLM, check_image_tokens, merge_image_features  # noqa: F401 (re-exported)
 
 Dtype = Any
 NORM_TYPES = ("layer_norm", "rms_norm")
@@ -366,7 +366,7 @@ class Projector(nn.Module):
                         bias_init=_part(_zeros, "embed"), **kw)(x)
 
 
-class InternVL(nn.Module):
+class InternVL(ImageTokenLVLM):
     """HF `InternVLForConditionalGeneration`.
 
     Build with `InternVL.from_hf_config(config)`; load weights with `vlm_jax.convert.internvl.from_pretrained`.
@@ -408,24 +408,6 @@ class InternVL(nn.Module):
         x = pixel_shuffle(x.reshape(x.shape[0], g, g, x.shape[-1]), c.shuffle)
         return self.multi_modal_projector(x.reshape(x.shape[0], -1, x.shape[-1]))
 
-    def embed_multimodal(self, input_ids, pixel_values=None):
-        """i32[B, L] ids (+ f32[N, H, W, 3] tiles) -> f32[B, L, D] embeddings with the tiles' features spliced in."""
-        embeds = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return embeds
-        return merge_image_features(embeds, input_ids, self.image_features(pixel_values), self.cfg.image_token_id)
-
-    def hidden_states(self, input_ids, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None):
-        """The LM's final-norm hidden states; see `CausalLM.hidden_states`."""
-        return self.language_model.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds,
-                                                 positions=positions, cache=cache)
-
-    def logits(self, hidden):
-        return self.language_model.logits(hidden)
-
-    def embed(self, input_ids):
-        return self.language_model.embed(input_ids)
-
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, *, positions=None, cache=None,
                  return_hidden: bool = False):
         """Next-token logits f32[B, L, V] of text with images.
@@ -440,10 +422,6 @@ class InternVL(nn.Module):
         embeds = self.embed_multimodal(input_ids, pixel_values)
         return self.language_model(None, attention_mask, inputs_embeds=embeds, positions=positions, cache=cache,
                                    return_hidden=return_hidden)
-
-    def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None):
-        return llama_lib.init_cache(self.cfg.text, batch, max_len, self.dtype if dtype is None else dtype,
-                                    self.scan_layers)
 
     def init_inputs(self, batch: int = 1, images: int = 1):
         """Dummy (input_ids, attention_mask, pixel_values) for `init` / `jax.eval_shape` (one tile per image)."""

@@ -147,7 +147,36 @@ def check_image_tokens(input_ids, num_images: int, tokens_per_image: int, image_
                          f"tokens (id {image_token_id}), as the HF processor does")
 
 
-class Llava(nn.Module):
+class ImageTokenLVLM(nn.Module):
+    """What the LVLMs that splice image features at image-token positions share (LLaVA, InternVL): their face to
+    the programs. A subclass defines `cfg` (with `text` and `image_token_id`), `language_model` (a
+    `llama.CausalLM`), `scan_layers`, `dtype` and `image_features(pixel_values) -> f32[N, T, D]`."""
+
+    def embed_multimodal(self, input_ids, pixel_values=None):
+        """i32[B, L] ids (+ f32[N, H, W, 3] images or tiles) -> f32[B, L, D] embeddings, the image features
+        (`image_features`, one row per image token) spliced in at the image-token positions."""
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return embeds
+        return merge_image_features(embeds, input_ids, self.image_features(pixel_values), self.cfg.image_token_id)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None):
+        """The LM's final-norm hidden states; see `CausalLM.hidden_states`."""
+        return self.language_model.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds,
+                                                 positions=positions, cache=cache)
+
+    def logits(self, hidden):
+        return self.language_model.logits(hidden)
+
+    def embed(self, input_ids):
+        return self.language_model.embed(input_ids)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None):
+        return llama_lib.init_cache(self.cfg.text, batch, max_len, self.dtype if dtype is None else dtype,
+                                    self.scan_layers)
+
+
+class Llava(ImageTokenLVLM):
     """HF `LlavaForConditionalGeneration`.
 
     Build with `Llava.from_hf_config(config)`; load weights with `vlm_jax.convert.llava.from_pretrained`.
@@ -193,24 +222,6 @@ class Llava(nn.Module):
             selected = [s[:, 1:] for s in selected]
         return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
 
-    def embed_multimodal(self, input_ids, pixel_values=None):
-        """i32[B, L] ids (+ f32[N, H, W, 3] images) -> f32[B, L, D] embeddings with the images spliced in."""
-        embeds = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return embeds
-        return merge_image_features(embeds, input_ids, self.image_features(pixel_values), self.cfg.image_token_id)
-
-    def hidden_states(self, input_ids, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None):
-        """The LM's final-norm hidden states; see `CausalLM.hidden_states`."""
-        return self.language_model.hidden_states(input_ids, attention_mask, inputs_embeds=inputs_embeds,
-                                                 positions=positions, cache=cache)
-
-    def logits(self, hidden):
-        return self.language_model.logits(hidden)
-
-    def embed(self, input_ids):
-        return self.language_model.embed(input_ids)
-
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, *, positions=None, cache=None,
                  return_hidden: bool = False):
         """Next-token logits f32[B, L, V] of text with images.
@@ -224,10 +235,6 @@ class Llava(nn.Module):
         embeds = self.embed_multimodal(input_ids, pixel_values)
         return self.language_model(None, attention_mask, inputs_embeds=embeds, positions=positions, cache=cache,
                                    return_hidden=return_hidden)
-
-    def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None):
-        return llama_lib.init_cache(self.cfg.text, batch, max_len, self.dtype if dtype is None else dtype,
-                                    self.scan_layers)
 
     def init_inputs(self, batch: int = 1, images: int = 1):
         """Dummy (input_ids, attention_mask, pixel_values) for `init` / `jax.eval_shape`."""
