@@ -42,3 +42,22 @@ def random_params(model, seed: int, stds: dict[str, float] | None = None) -> dic
         return (base + std * rng.standard_normal(x.shape)).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def qwen2_bpe(corpus, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE trained on `corpus` with exactly the normaliser and pre-tokenizer that
+    `Qwen2Tokenizer` builds: the base of every Qwen-family replica tokenizer (each adds its own specials)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    reference = Qwen2Tokenizer()
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = reference.backend_tokenizer.normalizer
+    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
+    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    state = json.loads(bpe.to_str())["model"]
+    return state["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Sequence
 
 from vlm_jax.testing import replicas_internvl
-from vlm_jax.testing.common import BASE_CORPUS as _BASE_CORPUS, INIT_STD, random_params  # noqa: F401 (re-exported)
+from vlm_jax.testing.common import BASE_CORPUS as _BASE_CORPUS, INIT_STD, qwen2_bpe, random_params  # noqa: F401
 from vlm_jax.testing.replicas_qwen2_vl import QWEN2_VL_2B
 from vlm_jax.testing import replicas_vision
 
@@ -142,19 +142,10 @@ def _llama_tokenizer(corpus: Sequence[str], vocab_size: int, tmp: pathlib.Path):
 def _qwen2_tokenizer(corpus: Sequence[str], vocab_size: int, tmp: pathlib.Path):
     """A byte-level BPE trained with Qwen2's own normaliser and pre-tokenizer, loaded as `Qwen2Tokenizer` with the
     ChatML specials of the Qwen chat checkpoints (eos '<|im_end|>', pad '<|endoftext|>', no BOS) and '<image>'."""
-    from tokenizers import Tokenizer, models, trainers
     from transformers import AddedToken, Qwen2Tokenizer
 
-    reference = Qwen2Tokenizer()  # the class builds its normaliser / pre-tokenizer: train with exactly those
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = reference.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
-    from tokenizers import pre_tokenizers
-    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    vocab, merges = qwen2_bpe(corpus, vocab_size)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                          unk_token=None, bos_token=None, model_max_length=32768)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)

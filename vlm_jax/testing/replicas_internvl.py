@@ -113,18 +113,10 @@ def _named(tok, out: pathlib.Path):
 
 def _qwen2_tokenizer(corpus: Sequence[str], vocab_size: int, tmp: pathlib.Path):
     """Byte-level BPE trained with Qwen2's normaliser / pre-tokenizer, Qwen2.5-VL's added tokens, InternVL's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AddedToken, Qwen2Tokenizer
 
-    reference = Qwen2Tokenizer()
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = reference.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
-    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, bos_token=None, eos_token=None,
+    vocab, merges = common.qwen2_bpe(corpus, vocab_size)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None,
                          pad_token=None, model_max_length=8192)
 
     def add(names, special):

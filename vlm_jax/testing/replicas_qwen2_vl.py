@@ -80,19 +80,11 @@ QWEN2_VL_2B = Qwen2VLReplica(
 
 def _tokenizer(corpus: Sequence[str], vocab_size: int):
     """A byte-level BPE trained with Qwen2's own normaliser / pre-tokenizer, as `Qwen2Tokenizer` with the specials."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    reference = Qwen2Tokenizer()  # the class builds its normaliser / pre-tokenizer: train with exactly those
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = reference.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
-    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    vocab, merges = common.qwen2_bpe(corpus, vocab_size)
     # '<|endoftext|>' first (the hub's first added token), then the others in order; eos is '<|im_end|>'.
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, bos_token=None,
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
                          eos_token="<|endoftext|>", pad_token="<|endoftext|>", errors="replace",
                          model_max_length=32768)
     tok.add_special_tokens({"additional_special_tokens": list(SPECIALS)})
