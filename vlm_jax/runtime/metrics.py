@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,15 @@ from absl import logging
 
 def _to_float(v: Any) -> float:
     return float(np.asarray(jax.device_get(v)))
+
+
+def tensorboard_tag(name: str) -> str:
+    """`name` with TensorBoard's illegal characters (anything but letters, digits, '_', '-', '.', '/') as '_'.
+
+    tensorboardX makes the same substitution but logs a line for every such scalar of every write; the row
+    names of results tables ('VITask w/ EP [generated]') all have spaces. metrics.jsonl keeps the names as they are.
+    """
+    return re.sub(r"[^-/\w.]", "_", name)
 
 
 class MetricWriter:
@@ -50,7 +60,7 @@ class MetricWriter:
         self._file.flush()
         if self._tb is not None:
             for k, v in row.items():
-                self._tb.add_scalar(k, v, int(step))
+                self._tb.add_scalar(tensorboard_tag(k), v, int(step))
 
     def close(self) -> None:
         if self._file is not None:
