@@ -10,6 +10,7 @@ The trainer knows no method by name. A method hands it
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import re
@@ -277,6 +278,32 @@ def _sigterm_flag(enabled: bool, grace_s: float = distributed.SIGTERM_GRACE_S):
 # ----------------------------------------------------------------------------------------------------------
 # The epoch loop.
 
+# Inside `restore_only()`, `fit` returns a workdir's finished training and never trains (`vlm-jax eval`/`predict`).
+_RESTORE_ONLY = contextvars.ContextVar("restore_only", default=False)
+
+
+@contextlib.contextmanager
+def restore_only():
+    """Within the block, `fit` restores the kept state of a finished training from its workdir and trains no
+    step: a fit without a checkpoint, or whose checkpoint is short of the last step, is a UserError."""
+    token = _RESTORE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _RESTORE_ONLY.reset(token)
+
+
+def _check_finished(workdir: str | None, name: str, step: int | None, total_steps: int) -> None:
+    """Under `restore_only`: raises unless fit `name` has a checkpoint at its last step (step None: no folder)."""
+    where = os.path.join(workdir or "<no workdir>", "checkpoints", name)
+    if step is None or step == 0:
+        raise errors.UserError(f"{name}: no checkpoint in {where}: this workdir's run never trained it (a config or "
+                               "a version that differs from the run's?)")
+    if step < total_steps:
+        raise errors.UserError(f"{name}: the checkpoint in {where} is at step {step} of {total_steps}: the training "
+                               "did not finish; rerun the same train command to finish it")
+
+
 @dataclasses.dataclass
 class FitResult:
     state: TrainState
@@ -330,10 +357,18 @@ def fit(
       Preempted: after SIGTERM or a jax.distributed preemption notice (hosts agree on the step), once saved.
     """
     total_steps = num_epochs * steps_per_epoch
+    restore_only_ = _RESTORE_ONLY.get()
+    if restore_only_ and (workdir is None or not os.path.isdir(os.path.join(workdir, "checkpoints", name))):
+        _check_finished(workdir, name, None, total_steps)
     tx, state, frozen, shardings = _initial_state(params, param_groups, optim, total_steps, mesh)
     run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
     if run.ckpt is not None:
         state = run.restore(state, eval_fn is not None)
+    if restore_only_:
+        try:
+            _check_finished(workdir, name, run.step, total_steps)
+        except errors.UserError as e:
+            run.stop(e)   # closes the checkpoint manager first
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
     progress = Progress(total_steps, what=name, every_s=log_every_s, start=run.step)
     multihost = jax.process_count() > 1
