@@ -200,8 +200,13 @@ def _has(config, dotted: str) -> bool:
     return True
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`."""
+def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`.
+
+    `predict` (`vlm-jax predict`): image paths scored as one more, unlabeled, test set 'predict' by every
+    method's evaluated classifier; nothing is written and {'classnames', 'runs'} is returned, each method's
+    result with 'predict_logits' f32[len(predict), C].
+    """
     dc = config.data
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     unknown = set(methods) - set(fewshot_registry.names())
@@ -257,6 +262,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tests = {"test": (test, ds.class_subset)}
     for name, extra in extra_tests.items():
         tests[name] = (eval_features(bb, extra.test, dc, f"{name}-test", cache_dir), extra.class_subset)
+    if predict:   # the evaluation transform, as eval_features (not cached: the images are the user's)
+        f = feats.map_batches(bb.encode_image, bb.params, list(predict), lambda p: preprocess.preprocess_image(
+            p, bb.pp), batch_size=dc.eval_batch_size, mesh=bb.mesh, desc="predict features")
+        tests["predict"] = ({"features": feats.l2_normalize(f)}, ds.class_subset)
     results = []
     for shots, seed in runs:
         few, train_few = samples[(shots, seed)]
@@ -272,7 +281,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                    tests, cache, **kw)
         results.append(run_res)
     writer.close()
-
+    if predict:
+        return {"classnames": list(ds.classnames), "runs": results}
     return write_results(config, methods, ds, ckpt, results, tests, val, workdir)
 
 

@@ -148,16 +148,23 @@ def version_errors(run: Run) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def scratch_workdir(run: Run) -> Iterator[str]:
+def scratch_workdir(run: Run, config: ml_collections.ConfigDict | None = None) -> Iterator[str]:
     """A temporary workdir that sees `run`'s checkpoints and feature cache (links) and its config.json: a
     program run in it under `trainer.restore_only()` evaluates the kept state and writes its results, metrics
-    and TensorBoard events there, never into the run's workdir. Removed afterwards."""
+    and TensorBoard events there, never into the run's workdir. Removed afterwards.
+
+    `config`: the config.json to write instead of the run's (a caller that changed keys which do not change
+    what was trained, e.g. few-shot CLIP's methods or protocol)."""
     tmp = tempfile.mkdtemp(prefix="vlm-jax-")
     try:
         for name in ("checkpoints", "features"):
             if os.path.isdir(os.path.join(run.workdir, name)):
                 os.symlink(os.path.join(run.workdir, name), os.path.join(tmp, name))
-        shutil.copyfile(os.path.join(run.workdir, "config.json"), os.path.join(tmp, "config.json"))
+        if config is None:
+            shutil.copyfile(os.path.join(run.workdir, "config.json"), os.path.join(tmp, "config.json"))
+        else:
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=1))
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
