@@ -111,7 +111,6 @@ def run_user_command(fn: Callable[[], None], workdir: str | None = None) -> None
     from absl import logging
 
     from vlm_jax import errors
-    from vlm_jax.runtime import workdir as workdir_lib
 
     logging.get_absl_handler().addFilter(quiet_libraries)
     try:
@@ -121,6 +120,8 @@ def run_user_command(fn: Callable[[], None], workdir: str | None = None) -> None
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - storage failures anywhere are one line
+        from vlm_jax.runtime import workdir as workdir_lib   # imports jax: only when needed
+
         message = workdir_lib.write_failure(e, "the output", "--out", under=workdir)
         if message is None:
             raise

@@ -36,9 +36,10 @@ def evaluate(workdir: str, out: str | None = None) -> dict[str, str]:
       UserError: not a workdir, another version's config, an unfinished or missing training (one line).
     """
     from vlm_jax.programs import trained
+
+    run = trained.read_run(workdir)   # before anything imports jax: a bad --workdir is one quick line
     from vlm_jax.train import trainer
 
-    run = trained.read_run(workdir)
     program = trained.program_module(run)
     with trained.scratch_workdir(run) as tmp, trainer.restore_only(), trained.version_errors(run):
         program.run(run.config, tmp)

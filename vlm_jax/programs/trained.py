@@ -29,7 +29,6 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -185,6 +184,7 @@ def restore_fit(workdir: str, name: str) -> Fit:
     Raises:
       UserError: no checkpoint of that name, or its newest step cannot be read or does not match its checksum.
     """
+    import jax
     import orbax.checkpoint as ocp
 
     from vlm_jax.runtime import mesh as mesh_lib
