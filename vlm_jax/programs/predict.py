@@ -19,7 +19,6 @@ with --out, written as JSON.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any

@@ -27,12 +27,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
 from vlm_jax import errors
+
+if TYPE_CHECKING:   # jax is imported where it is used: a bad --workdir is one quick line
+    import jax
 
 PyTree = Any
 PROGRAMS = ("fewshot_clip", "vladva", "vitask")   # the programs whose workdirs these commands understand
@@ -246,13 +249,15 @@ def resolve_checkpoints(run: Run) -> dict[str, str]:
         return {"model": inputs.ckpt, "tsm": inputs.clip_dir}
 
 
-def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool = True) -> Trained:
+def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool = True,
+         checkpoints: dict[str, str] | None = None) -> Trained:
     """The trained run of `workdir` (see the module docstring).
 
     Args:
       workdir: a workdir written by `vlm-jax train`.
-      mesh: where the LVLM's base params go (default: all devices, data-parallel: `mesh.make_mesh`).
+      mesh: where the LVLM's base params go (default: the run's config.mesh).
       with_model: load the base model and params (False: config, checkpoints and fits only).
+      checkpoints: the base checkpoints when the caller has resolved them already (`resolve_checkpoints`).
 
     Raises:
       UserError: not a workdir, a config of another version, a base checkpoint that cannot be found, no
@@ -265,7 +270,7 @@ def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool =
     names = fit_names(run.workdir)
     if not names and run.program != "fewshot_clip":
         raise errors.UserError(f"{run.workdir} holds no checkpoint: its training did not save one yet")
-    checkpoints = resolve_checkpoints(run)
+    checkpoints = checkpoints or resolve_checkpoints(run)
     fits = {n: restore_fit(run.workdir, n) for n in names}
     model = base = None
     if with_model:
