@@ -19,7 +19,7 @@ import shutil
 
 from absl import flags
 
-from vlm_jax import cli
+from vlm_jax.programs import commands
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of a run (`vlm-jax train --workdir`).")
 _OUT = flags.DEFINE_string("out", None, "Directory for results.json / results.md (default: eval_results.json / "
@@ -63,9 +63,9 @@ def _main(argv: list[str]) -> None:
         out = None if _OUT.value is None else os.path.abspath(os.path.expanduser(_OUT.value))
         for name, path in evaluate(_WORKDIR.value, out).items():
             print(f"wrote {path}")
-    cli.run_user_command(body, _OUT.value or _WORKDIR.value)
+    commands.run_user_command(body, _OUT.value or _WORKDIR.value)
 
 
 def main(argv: list[str]) -> None:
     """Runs the command line `argv` (argv[0]: the program name)."""
-    cli.run_absl(_main, argv, __doc__)
+    commands.run_absl(_main, argv, __doc__)

@@ -200,13 +200,21 @@ def _has(config, dotted: str) -> bool:
     return True
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`.
+def predict_features(bb: Backbone, paths, dc) -> dict[str, np.ndarray]:
+    """{'features' f32[N, D]} of image files through the evaluation transform (as `eval_features`; not cached).
 
-    `predict` (`vlm-jax predict`): image paths scored as one more, unlabeled, test set 'predict' by every
-    method's evaluated classifier; nothing is written and {'classnames', 'runs'} is returned, each method's
-    result with 'predict_logits' f32[len(predict), C].
+    `vlm-jax predict` runs the program with them as one more, unlabeled, test set 'predict': every method scores
+    it with its evaluated classifier (`fewshot_registry.evaluate`), `run` writes nothing and returns
+    {'classnames', 'runs'}, each method's result with 'predict_logits' f32[N, C].
     """
+    f = feats.map_batches(bb.encode_image, bb.params, list(paths), lambda p: preprocess.preprocess_image(p, bb.pp),
+                          batch_size=dc.eval_batch_size, mesh=bb.mesh, desc="predict features")
+    return {"features": feats.l2_normalize(f)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`; with `predict`
+    (image paths) returns their logits instead (`predict_features`)."""
     dc = config.data
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     unknown = set(methods) - set(fewshot_registry.names())
@@ -262,10 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...
     tests = {"test": (test, ds.class_subset)}
     for name, extra in extra_tests.items():
         tests[name] = (eval_features(bb, extra.test, dc, f"{name}-test", cache_dir), extra.class_subset)
-    if predict:   # the evaluation transform, as eval_features (not cached: the images are the user's)
-        f = feats.map_batches(bb.encode_image, bb.params, list(predict), lambda p: preprocess.preprocess_image(
-            p, bb.pp), batch_size=dc.eval_batch_size, mesh=bb.mesh, desc="predict features")
-        tests["predict"] = ({"features": feats.l2_normalize(f)}, ds.class_subset)
+    if predict:
+        tests["predict"] = (predict_features(bb, predict, dc), None)
     results = []
     for shots, seed in runs:
         few, train_few = samples[(shots, seed)]

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from vlm_jax import cli, errors
+from vlm_jax import errors
+from vlm_jax.programs import commands
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of a run (`vlm-jax train --workdir`).")
 _FOLDER = flags.DEFINE_string("folder", None, "Predict every image file under this folder (recursively).")
@@ -222,9 +223,9 @@ def _main(argv: list[str]) -> None:
         if _OUT.value:
             for path in write(result, os.path.abspath(os.path.expanduser(_OUT.value))):
                 print(f"wrote {path}")
-    cli.run_user_command(body, os.path.dirname(os.path.abspath(_OUT.value)) if _OUT.value else None)
+    commands.run_user_command(body, os.path.dirname(os.path.abspath(_OUT.value)) if _OUT.value else None)
 
 
 def main(argv: list[str]) -> None:
     """Runs the command line `argv` (argv[0]: the program name)."""
-    cli.run_absl(_main, argv, __doc__)
+    commands.run_absl(_main, argv, __doc__)

@@ -76,7 +76,6 @@ def predict(run, paths: list[str], dataset: str | None, k: int, batch_size: int 
     from vlm_jax.eval import lvlm_classify
     from vlm_jax.methods import tsm as tsm_lib
     from vlm_jax.methods import vitask as vitask_method
-    from vlm_jax.programs import predict as predict_lib
     from vlm_jax.programs import trained, vitask
     from vlm_jax.runtime import mesh as mesh_lib
     from vlm_jax.runtime.metrics import Progress
@@ -122,6 +121,7 @@ def predict(run, paths: list[str], dataset: str | None, k: int, batch_size: int 
         else:
             m = medmnist.match_answer(text, dset.classnames)
             matched = None if m is None else dset.classnames[m]
-        ranking = predict_lib.top_k(scores[i:i + 1], dset.classnames, k)[0] if scores is not None else []
+        order = np.argsort(-scores[i], kind="stable")[:k] if scores is not None else []
+        ranking = [{"class": dset.classnames[j], "score": round(float(scores[i][j]), 4)} for j in order]
         images.append({"image": p, "answer": text, "matched": matched, "ranking": ranking})
     return {"program": "vitask", "dataset": dset.name, "model": f"VITask w/ EP ({stage})", "images": images}

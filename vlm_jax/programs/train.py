@@ -25,7 +25,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlm_jax import cli
+from vlm_jax.programs import commands
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics, checkpoints, results.")
@@ -45,7 +45,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0,
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(cli.quiet_libraries)
+    logging.get_absl_handler().addFilter(commands.quiet_libraries)
     from vlm_jax.runtime import distributed  # after flag parsing: keeps --help fast
 
     # Before anything touches a JAX backend (loading the config does not).
@@ -53,7 +53,7 @@ def _main(argv):
         multiprocess = distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     except ValueError as e:  # contradicting flags, or jax's own check of the detected/given values
-        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        print(f"error: {commands.one_line(e)}", file=sys.stderr)
         sys.exit(2)
     from vlm_jax import errors
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
@@ -72,7 +72,7 @@ def _main(argv):
         config = _CONFIG.value
         config.keys()  # forces the load
     except OSError as e:  # config_flags reports a missing/broken config file only on first access
-        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        print(f"error: {commands.one_line(e)}", file=sys.stderr)
         sys.exit(2)
     program = importlib.import_module(f"vlm_jax.programs.{config.program}")
     from vlm_jax.runtime import workdir as workdir_lib
@@ -102,4 +102,4 @@ def _main(argv):
 
 def main(argv: list[str]) -> None:
     """Runs the command line `argv` (argv[0]: the program name); exits with the codes above."""
-    cli.run_absl(_main, argv, __doc__)
+    commands.run_absl(_main, argv, __doc__)

@@ -293,15 +293,9 @@ def restore_only():
         _RESTORE_ONLY.reset(token)
 
 
-def _check_finished(workdir: str | None, name: str, step: int | None, total_steps: int) -> None:
-    """Under `restore_only`: raises unless fit `name` has a checkpoint at its last step (step None: no folder)."""
-    where = os.path.join(workdir or "<no workdir>", "checkpoints", name)
-    if step is None or step == 0:
-        raise errors.UserError(f"{name}: no checkpoint in {where}: this workdir's run never trained it (a config or "
-                               "a version that differs from the run's?)")
-    if step < total_steps:
-        raise errors.UserError(f"{name}: the checkpoint in {where} is at step {step} of {total_steps}: the training "
-                               "did not finish; rerun the same train command to finish it")
+def _no_checkpoint(name: str, where: str) -> errors.UserError:
+    return errors.UserError(f"{name}: no checkpoint in {where}: this workdir's run never trained it (a config or a "
+                            "version that differs from the run's?)")
 
 
 @dataclasses.dataclass
@@ -357,18 +351,10 @@ def fit(
       Preempted: after SIGTERM or a jax.distributed preemption notice (hosts agree on the step), once saved.
     """
     total_steps = num_epochs * steps_per_epoch
-    restore_only_ = _RESTORE_ONLY.get()
-    if restore_only_ and (workdir is None or not os.path.isdir(os.path.join(workdir, "checkpoints", name))):
-        _check_finished(workdir, name, None, total_steps)
     tx, state, frozen, shardings = _initial_state(params, param_groups, optim, total_steps, mesh)
     run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
     if run.ckpt is not None:
-        state = run.restore(state, eval_fn is not None)
-    if restore_only_:
-        try:
-            _check_finished(workdir, name, run.step, total_steps)
-        except errors.UserError as e:
-            run.stop(e)   # closes the checkpoint manager first
+        state = run.restore(state, eval_fn is not None, total_steps)
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
     progress = Progress(total_steps, what=name, every_s=log_every_s, start=run.step)
     multihost = jax.process_count() > 1
@@ -435,9 +421,11 @@ class _Checkpoints:
 
     @classmethod
     def open(cls, workdir: str | None, name: str, max_to_keep: int) -> "_Checkpoints | None":
+        directory = os.path.abspath(os.path.join(workdir or "<no workdir>", "checkpoints", name))
+        if _RESTORE_ONLY.get() and not os.path.isdir(directory):   # before opening, which would create it
+            raise _no_checkpoint(name, directory)
         if workdir is None:
             return None
-        directory = os.path.abspath(os.path.join(workdir, "checkpoints", name))
         # cleanup_tmp_directories: a save that a crash or a full disk interrupted leaves a tmp folder behind.
         return cls(ckpt_lib.guarded(lambda: ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)), None, directory))
@@ -459,12 +447,16 @@ class _Run:
         self.sums: dict[str, Any] = {}
         self.watch = (jnp.int32(-1), jnp.float32(0))
 
-    def restore(self, state, with_best: bool):
+    def restore(self, state, with_best: bool, total_steps: int):
         manager = self.ckpt.manager
         state, self.best, self.history, sums = _restore(manager, state, self.best, with_best, self.steps_per_epoch,
                                                         self.name, self.mesh)
         self.sums = {k: jnp.float32(v) for k, v in sums.items()}
         self.step = int(state.step)
+        if _RESTORE_ONLY.get() and self.step < total_steps:   # restore only: a finished training, or one line
+            self.stop(_no_checkpoint(self.name, manager.directory) if self.step == 0 else errors.UserError(
+                f"{self.name}: the checkpoint in {manager.directory} is at step {self.step} of {total_steps}: the "
+                "training did not finish; rerun the same train command to finish it"))
         if self.step:
             logging.info("%s: resumed from %s at step %d (epoch %d, batch %d)", self.name, manager.directory,
                          self.step, *divmod(self.step, self.steps_per_epoch))
