@@ -57,6 +57,7 @@ def _workdir(tmp_path, config):
      "no image file /nonexistent/a.png (and 1 more)"),
     (["predict", "--workdir={fewshot}", "--folder={tmp}"], "holds no image file"),
     (["eval"], "Flag --workdir must have a value other than None"),
+    (["eval", "--workdir={tmp}", "extra"], "unexpected arguments: extra (vlm-jax eval takes flags only)"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     dirs = {"tmp": str(tmp_path), "old": _workdir(tmp_path / "o", {"program": "discriminative"}),

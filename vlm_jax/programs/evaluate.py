@@ -19,6 +19,7 @@ import shutil
 
 from absl import flags
 
+from vlm_jax import errors
 from vlm_jax.programs import commands
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The workdir of a run (`vlm-jax train --workdir`).")
@@ -43,23 +44,25 @@ def evaluate(workdir: str, out: str | None = None) -> dict[str, str]:
     program = trained.program_module(run)
     with trained.scratch_workdir(run) as tmp, trainer.restore_only(), trained.version_errors(run):
         program.run(run.config, tmp)
-        if out is not None:
-            os.makedirs(out, exist_ok=True)
         written = {}
-        for name in OUTPUTS:
-            if os.path.exists(os.path.join(tmp, name)):
-                dest = os.path.join(out, name) if out is not None else os.path.join(run.workdir, "eval_" + name)
-                shutil.copyfile(os.path.join(tmp, name), dest)
-                written[name] = dest
+        try:
+            if out is not None:
+                os.makedirs(out, exist_ok=True)
+            for name in OUTPUTS:
+                if os.path.exists(os.path.join(tmp, name)):
+                    dest = os.path.join(out, name) if out is not None else os.path.join(run.workdir, "eval_" + name)
+                    shutil.copyfile(os.path.join(tmp, name), dest)
+                    written[name] = dest
+        except OSError as e:
+            raise errors.UserError(f"{out or run.workdir} cannot be written ({e.strerror or e}): pass another "
+                                   "--out") from None
     return written
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        from absl import app
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-
     def body():
+        if len(argv) > 1:
+            raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])} (vlm-jax eval takes flags only)")
         out = None if _OUT.value is None else os.path.abspath(os.path.expanduser(_OUT.value))
         for name, path in evaluate(_WORKDIR.value, out).items():
             print(f"wrote {path}")

@@ -185,12 +185,15 @@ def write(result: dict[str, Any], out: str) -> list[str]:
 
     written = []
     result = dict(result)
-    if "embeddings" in result:
-        npy = os.path.splitext(out)[0] + ".embeddings.npy"
-        report.write_atomic(npy, lambda f: np.save(f, result.pop("embeddings")), binary=True)
-        result["embeddings_file"] = os.path.basename(npy)
-        written.append(npy)
-    report.write_json(out, result)
+    try:
+        if "embeddings" in result:
+            npy = os.path.splitext(out)[0] + ".embeddings.npy"
+            report.write_atomic(npy, lambda f: np.save(f, result.pop("embeddings")), binary=True)
+            result["embeddings_file"] = os.path.basename(npy)
+            written.append(npy)
+        report.write_json(out, result)
+    except OSError as e:
+        raise errors.UserError(f"--out {out} cannot be written: {e.strerror or e}") from None
     return [out] + written
 
 
