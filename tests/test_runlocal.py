@@ -47,14 +47,6 @@ def test_runlocal_writes_all_results(runlocal):
     assert all(r["folds"] == 2 for r in run["realistic"].values())
 
 
-def test_rerun_reads_feature_cache(runlocal, tmp_path):
-    workdir, _ = runlocal
-    proc = _launch(str(tmp_path / "again"), "--config.methods=dualadapter", cache=os.path.join(workdir, "cache"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "cache hit" in proc.stderr
-    assert "cache features" not in proc.stderr  # the backbone did not encode the few-shot images again
-
-
 def test_sweep_writes_table_and_plot(runlocal, tmp_path):
     workdir, _ = runlocal
     out = tmp_path / "sweep"
@@ -144,3 +136,64 @@ def test_bad_values_are_one_line_and_write_nothing(tmp_path, arg, overrides, mes
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
     assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# After training: `vlm-jax eval` and `vlm-jax predict` on the trained workdir.
+
+def _vlm_jax(workdir, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT,
+               VLM_JAX_CACHE=os.path.join(workdir, "cache"))
+    return subprocess.run([sys.executable, "-m", "vlm_jax.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _tree(workdir):
+    return sorted(os.path.relpath(os.path.join(d, f), workdir) for d, _, fs in os.walk(workdir) for f in fs)
+
+
+def test_eval_reproduces_results_without_training(runlocal):
+    workdir, _ = runlocal
+    results = open(os.path.join(workdir, "results.json")).read()
+    checkpoints = _tree(os.path.join(workdir, "checkpoints"))
+    proc = _vlm_jax(workdir, "eval", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"wrote {workdir}/eval_results.json" in proc.stdout
+    # The features come from the run's feature cache (this replaces a test that reran the launcher to see it).
+    assert "cache hit" in proc.stderr and "cache features" not in proc.stderr
+    assert open(os.path.join(workdir, "results.json")).read() == results   # the run's own results are kept
+    assert _tree(os.path.join(workdir, "checkpoints")) == checkpoints       # nothing trained or saved
+    (want,), (got,) = json.loads(results)["runs"], json.load(open(os.path.join(workdir, "eval_results.json")))["runs"]
+    for protocol in ("methods", "realistic"):
+        assert set(got[protocol]) == METHODS
+        for name, res in want[protocol].items():
+            for key in ("test_accuracy", "val_accuracy", "hparams", "best_epoch"):
+                assert got[protocol][name].get(key) == res.get(key), (protocol, name, key)
+
+
+def test_predict_gives_the_classes_of_the_evaluation(runlocal, tmp_path):
+    """predict on the test images (as files) reproduces each method's evaluated test accuracy."""
+    from PIL import Image
+
+    from vlm_jax.data import builtin
+
+    workdir, _ = runlocal
+    ds = builtin.builtin_dataset()
+    os.makedirs(tmp_path / "images")
+    for i, ex in enumerate(ds.test):
+        Image.fromarray(ex.array).save(tmp_path / "images" / f"{i:03d}.png")   # lossless: the evaluated pixels
+    # Zero-shot, a cache rebuilt from the config, fine-tuned residuals restored from a checkpoint.
+    methods = ("zeroshot", "tip_adapter", "dualadapter_f")
+    proc = _vlm_jax(workdir, "predict", f"--workdir={workdir}", f"--folder={tmp_path / 'images'}", "--protocol=paper",
+                    f"--methods={','.join(methods)}", f"--out={tmp_path / 'predictions.json'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| image | zeroshot (paper) | tip_adapter (paper) | dualadapter_f (paper) |" in proc.stdout, proc.stdout
+    got = json.load(open(tmp_path / "predictions.json"))
+    assert got["classnames"] == ds.classnames and len(got["images"]) == len(ds.test)
+    (run,) = json.load(open(os.path.join(workdir, "results.json")))["runs"]
+    for name in methods:
+        top1 = [im["predictions"][f"{name} (paper)"][0]["class"] for im in got["images"]]
+        accuracy = 100.0 * np.mean([c == ex.classname for c, ex in zip(top1, ds.test)])
+        np.testing.assert_allclose(accuracy, run["methods"][name]["test_accuracy"], atol=1e-6, err_msg=name)
+        scores = [p["score"] for p in got["images"][0]["predictions"][f"{name} (paper)"]]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-3

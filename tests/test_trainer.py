@@ -1,5 +1,7 @@
 """The generic trainer: optimizer parity with torch, trainable/frozen split, best epoch, resume."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,31 @@ def test_state_shardings_with_several_lr_groups():
     state = jax.jit(lambda p: trainer.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                     out_shardings=sh)(params)
     assert len(jax.tree.leaves(state.opt_state)) == len(jax.tree.leaves(tx.init(params)))
+
+
+def test_restore_only_returns_the_kept_state_and_never_trains(tmp_path):
+    """`vlm-jax eval` / `predict`: fit restores a finished training, refuses an unfinished or missing one in one
+    line, and `trained.restore_fit` reads back the params fit kept (the best epoch's, else the final state's)."""
+    from vlm_jax import errors
+    from vlm_jax.programs import trained
+
+    scores = iter([1.0, 3.0, 2.0])
+    done = _fit(str(tmp_path / "w"), 3, eval_fn=lambda p: {"score": next(scores)})
+    plain = _fit(str(tmp_path / "p"), 2)
+    steps = sorted(os.listdir(tmp_path / "w" / "checkpoints" / "train"))
+    with trainer.restore_only():
+        again = _fit(str(tmp_path / "w"), 3, eval_fn=lambda p: pytest.fail("evaluated: trained an epoch"))
+        with pytest.raises(errors.UserError, match=r"^train: the checkpoint in .* is at step 12 of 20: the training "
+                                                   "did not finish"):
+            _fit(str(tmp_path / "w"), 5, eval_fn=lambda p: {"score": 0.0})
+        with pytest.raises(errors.UserError, match=r"^train: no checkpoint in .*checkpoints/train"):
+            _fit(str(tmp_path / "empty"), 3)
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints" / "train")) == steps   # nothing saved
+    assert again.best_epoch == done.best_epoch == 1 and again.history == done.history
+    np.testing.assert_array_equal(np.asarray(again.best_params["head"]["w"]), np.asarray(done.best_params["head"]["w"]))
+    kept = trained.restore_fit(str(tmp_path / "w"), "train")
+    assert (kept.epoch, kept.step) == (1, 12)
+    np.testing.assert_array_equal(kept.params["head"]["w"], np.asarray(done.best_params["head"]["w"]))
+    final = trained.restore_fit(str(tmp_path / "p"), "train")   # no eval: the last epoch's state
+    assert (final.epoch, final.step) == (1, 8)
+    np.testing.assert_array_equal(final.params["head"]["w"], np.asarray(plain.state.params["head"]["w"]))

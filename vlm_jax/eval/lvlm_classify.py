@@ -26,19 +26,46 @@ def rank_labels(rank, weights, conn, seqs: vitask_tasks.Seqs, table, task: vitas
     Returns:
       (pred bool[N, C] one-hot in the joint label space, valid bool[N]: True on `rows`).
     """
-    ans_ids, ans_mask = table
     pred = np.zeros((len(split), task.num_classes), bool)
     valid = np.zeros(len(split), bool)
     for idx, n in feats.padded_chunks(rows, batch):
-        ds = split.dataset[idx]
-        ids, mask = seqs.prompt_rows(ds)
-        s = np.asarray(rank(weights, conn, ids, mask, pixels_of(idx), split_feats[idx],
-                            ans_ids[ds], ans_mask[ds], use_ep=use_ep))
-        s = np.where(ans_mask[ds][:, :, 0] > 0, s, -np.inf)  # only the sample's own dataset's labels
-        best = task.offsets[ds] + np.argmax(s, axis=1)
+        s = label_scores(rank, weights, conn, seqs, table, split, idx, split_feats, pixels_of, use_ep)
+        best = task.offsets[split.dataset[idx]] + np.argmax(s, axis=1)
         pred[idx[:n], best[:n]] = True
         valid[idx[:n]] = True
     return pred, valid
+
+
+def label_scores(rank, weights, conn, seqs: vitask_tasks.Seqs, table, split: vitask_tasks.Split, idx: np.ndarray,
+                 split_feats: np.ndarray, pixels_of, use_ep: bool) -> np.ndarray:
+    """f32[b, K]: log p(label answer | image, instruction [, exemplar]) of rows `idx` of `split` for each label of
+    their own dataset (-inf past its labels; K = the most labels of a dataset)."""
+    ans_ids, ans_mask = table
+    ds = split.dataset[idx]
+    ids, mask = seqs.prompt_rows(ds)
+    s = np.asarray(rank(weights, conn, ids, mask, pixels_of(idx), split_feats[idx], ans_ids[ds], ans_mask[ds],
+                        use_ep=use_ep))
+    return np.where(ans_mask[ds][:, :, 0] > 0, s, -np.inf)  # only the sample's own dataset's labels
+
+
+def generate_answers(model, embed, seqs: vitask_tasks.Seqs, tok, split: vitask_tasks.Split, weights, conn,
+                     split_feats: np.ndarray, pixels_of, batch: int, use_ep: bool) -> list[str]:
+    """The greedy answers (decoded text) to every row of `split`, each with its own dataset's instruction."""
+    from vlm_jax.models import generate
+
+    max_new = seqs.answer_length + 2
+    eos = tok.eos_token_id
+    texts = []
+    for idx, n in feats.padded_chunks(range(len(split)), batch):
+        ids, mask = seqs.prompt_rows(split.dataset[idx])
+        embeds, mask = embed(weights, conn, ids, mask, pixels_of(idx), split_feats[idx],
+                             use_ep=use_ep)
+        out = np.asarray(generate.greedy_generate(model, weights, None, mask, max_new, eos_token_id=eos,
+                                                  pad_token_id=seqs.pad, inputs_embeds=embeds))
+        for row in out[:n]:
+            row = row.tolist()
+            texts.append(tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))
+    return texts
 
 
 def generate_labels(model, embed, seqs: vitask_tasks.Seqs, tok, task: vitask_tasks.JointTask, split: vitask_tasks.Split,
@@ -52,35 +79,21 @@ def generate_labels(model, embed, seqs: vitask_tasks.Seqs, tok, task: vitask_tas
     Returns:
       (pred bool[N, C] label sets in the joint label space, valid bool[N]: False where the answer is unmatched).
     """
-    from vlm_jax.models import generate
-
-    max_new = seqs.answer_length + 2
-    eos = tok.eos_token_id
+    texts = generate_answers(model, embed, seqs, tok, split, weights, conn, split_feats, pixels_of, batch, use_ep)
     pred = np.zeros((len(split), task.num_classes), bool)
     valid = np.zeros(len(split), bool)
-    shown = []
-    for idx, n in feats.padded_chunks(range(len(split)), batch):
-        ds = split.dataset[idx]
-        ids, mask = seqs.prompt_rows(ds)
-        embeds, mask = embed(weights, conn, ids, mask, pixels_of(idx), split_feats[idx],
-                             use_ep=use_ep)
-        out = np.asarray(generate.greedy_generate(model, weights, None, mask, max_new, eos_token_id=eos,
-                                                  pad_token_id=seqs.pad, inputs_embeds=embeds))
-        for i, d, row in zip(idx[:n], ds[:n], out[:n]):
-            row = row.tolist()
-            text = tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
-            if len(shown) < 3:
-                shown.append(text)
-            dset, lo = task.datasets[d], task.offsets[d]
-            if dset.multi_label:
-                hot = medmnist.match_label_set(text, dset.classnames, none=task.no_finding)
-                if hot is not None:
-                    pred[i, lo:lo + len(hot)] = hot
-                    valid[i] = True
-            else:
-                k = medmnist.match_answer(text, dset.classnames)
-                if k is not None:
-                    pred[i, lo + k] = True
-                    valid[i] = True
+    shown = texts[:3]
+    for i, (d, text) in enumerate(zip(split.dataset, texts)):
+        dset, lo = task.datasets[d], task.offsets[d]
+        if dset.multi_label:
+            hot = medmnist.match_label_set(text, dset.classnames, none=task.no_finding)
+            if hot is not None:
+                pred[i, lo:lo + len(hot)] = hot
+                valid[i] = True
+        else:
+            k = medmnist.match_answer(text, dset.classnames)
+            if k is not None:
+                pred[i, lo + k] = True
+                valid[i] = True
     logging.info("generated answers, e.g. %s; %d%% unmatched", shown, round(100 * float(np.mean(~valid))))
     return pred, valid

@@ -176,8 +176,15 @@ def check(config: Any, methods: Sequence[str]) -> list[FewShotMethod]:
 # Helpers the faces share.
 
 def evaluate(res: dict[str, Any], logits_fn: Callable[..., Any], args: tuple, tests) -> None:
-    """Adds '<name>_accuracy' (percent) for every test set to `res`: `logits_fn(features, *args)` scored."""
+    """Adds '<name>_accuracy' (percent) for every test set to `res`: `logits_fn(features, *args)` scored.
+
+    A set without 'labels' (the images of `vlm-jax predict`) adds its logits f32[N, C] as '<name>_logits' instead:
+    the prediction is the evaluated classifier itself.
+    """
     for name, (split, subset) in tests.items():
         logits = logits_fn(jnp.asarray(split["features"]), *args)
+        if "labels" not in split:
+            res[f"{name}_logits"] = np.asarray(logits)
+            continue
         res[f"{name}_accuracy"] = float(classification.accuracy(logits, split["labels"], class_subset=subset))
 

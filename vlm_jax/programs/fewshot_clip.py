@@ -200,8 +200,21 @@ def _has(config, dotted: str) -> bool:
     return True
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`."""
+def predict_features(bb: Backbone, paths, dc) -> dict[str, np.ndarray]:
+    """{'features' f32[N, D]} of image files through the evaluation transform (as `eval_features`; not cached).
+
+    `vlm-jax predict` runs the program with them as one more, unlabeled, test set 'predict': every method scores
+    it with its evaluated classifier (`fewshot_registry.evaluate`), `run` writes nothing and returns
+    {'classnames', 'runs'}, each method's result with 'predict_logits' f32[N, C].
+    """
+    f = feats.map_batches(bb.encode_image, bb.params, list(paths), lambda p: preprocess.preprocess_image(p, bb.pp),
+                          batch_size=dc.eval_batch_size, mesh=bb.mesh, desc="predict features")
+    return {"features": feats.l2_normalize(f)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`; with `predict`
+    (image paths) returns their logits instead (`predict_features`)."""
     dc = config.data
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     unknown = set(methods) - set(fewshot_registry.names())
@@ -257,6 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tests = {"test": (test, ds.class_subset)}
     for name, extra in extra_tests.items():
         tests[name] = (eval_features(bb, extra.test, dc, f"{name}-test", cache_dir), extra.class_subset)
+    if predict:
+        tests["predict"] = (predict_features(bb, predict, dc), None)
     results = []
     for shots, seed in runs:
         few, train_few = samples[(shots, seed)]
@@ -272,7 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                    tests, cache, **kw)
         results.append(run_res)
     writer.close()
-
+    if predict:
+        return {"classnames": list(ds.classnames), "runs": results}
     return write_results(config, methods, ds, ckpt, results, tests, val, workdir)
 
 

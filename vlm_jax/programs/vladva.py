@@ -266,6 +266,25 @@ def _limit(train_pairs, limit: int, seed: int):
     return train_pairs
 
 
+def train_data(config) -> tuple[list, list[str]]:
+    """The training pairs [(image, short, long)] after data.train_limit, and the extra texts of a toy tokenizer's
+    corpus (the retrieval captions of the built-in set), as (pairs, texts)."""
+    train_pairs, extra_texts = load_pairs(config.data)
+    return _limit(train_pairs, int(config.data.get("train_limit", 0)), config.rng_seed), extra_texts
+
+
+def resolve_checkpoints(config, data) -> tuple[str, str | None]:
+    """(LVLM checkpoint directory, CLIP baseline's or None) as `runner.resolve_checkpoint` finds them; an offline
+    replica's tokenizer is trained on the run's prompts and captions (`data`: what `train_data` returns)."""
+    mc, (train_pairs, extra_texts) = config.method, data
+    texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
+    ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/vladva.py", texts)
+    clip_ckpt = None
+    if config.clip_checkpoint:
+        clip_ckpt = runner.resolve_checkpoint(config.clip_checkpoint, "configs/vladva.py")
+    return ckpt, clip_ckpt
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Baselines (CLIP, the untrained LVLM) -> VladVA training -> the evaluation suite -> results."""
     dc, mc, tc = config.data, config.method, config.train
@@ -273,14 +292,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "train.epochs": 1, "train.batch_size": 1, "train.optim.lr": 0, "data.eval_batch_size": 1, "data.text_len": 2,
         "data.long_len": 0, "data.train_limit": 0, "method.lora_rank": 1, "method.temperature": 1e-6,
         "method.short_max_tokens": 1, "train.grad_cache_chunks": 1, "method.ntp_weight": 0})
-    train_pairs, extra_texts = load_pairs(dc)
-    train_pairs = _limit(train_pairs, int(dc.get("train_limit", 0)), config.rng_seed)
+    data = train_data(config)
+    train_pairs = data[0]
     suite = build_suite(dc)  # reads every evaluation file now: a bad path fails before any work
-    texts = [mc.image_prompt, mc.text_prompt] + [c for _, s, l in train_pairs for c in (s, l) if c] + extra_texts
-    ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/vladva.py", texts)
-    clip_ckpt = None
-    if config.clip_checkpoint:
-        clip_ckpt = runner.resolve_checkpoint(config.clip_checkpoint, "configs/vladva.py")
+    ckpt, clip_ckpt = resolve_checkpoints(config, data)
 
     # Everything the config and the checkpoint must agree on, before the workdir gets anything.
     cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)

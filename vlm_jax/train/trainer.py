@@ -10,6 +10,7 @@ The trainer knows no method by name. A method hands it
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import re
@@ -277,6 +278,26 @@ def _sigterm_flag(enabled: bool, grace_s: float = distributed.SIGTERM_GRACE_S):
 # ----------------------------------------------------------------------------------------------------------
 # The epoch loop.
 
+# Inside `restore_only()`, `fit` returns a workdir's finished training and never trains (`vlm-jax eval`/`predict`).
+_RESTORE_ONLY = contextvars.ContextVar("restore_only", default=False)
+
+
+@contextlib.contextmanager
+def restore_only():
+    """Within the block, `fit` restores the kept state of a finished training from its workdir and trains no
+    step: a fit without a checkpoint, or whose checkpoint is short of the last step, is a UserError."""
+    token = _RESTORE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _RESTORE_ONLY.reset(token)
+
+
+def _no_checkpoint(name: str, where: str) -> errors.UserError:
+    return errors.UserError(f"{name}: no checkpoint in {where}: this workdir's run never trained it (a config or a "
+                            "version that differs from the run's?)")
+
+
 @dataclasses.dataclass
 class FitResult:
     state: TrainState
@@ -333,7 +354,7 @@ def fit(
     tx, state, frozen, shardings = _initial_state(params, param_groups, optim, total_steps, mesh)
     run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
     if run.ckpt is not None:
-        state = run.restore(state, eval_fn is not None)
+        state = run.restore(state, eval_fn is not None, total_steps)
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
     progress = Progress(total_steps, what=name, every_s=log_every_s, start=run.step)
     multihost = jax.process_count() > 1
@@ -400,9 +421,11 @@ class _Checkpoints:
 
     @classmethod
     def open(cls, workdir: str | None, name: str, max_to_keep: int) -> "_Checkpoints | None":
+        directory = os.path.abspath(os.path.join(workdir or "<no workdir>", "checkpoints", name))
+        if _RESTORE_ONLY.get() and not os.path.isdir(directory):   # before opening, which would create it
+            raise _no_checkpoint(name, directory)
         if workdir is None:
             return None
-        directory = os.path.abspath(os.path.join(workdir, "checkpoints", name))
         # cleanup_tmp_directories: a save that a crash or a full disk interrupted leaves a tmp folder behind.
         return cls(ckpt_lib.guarded(lambda: ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)), None, directory))
@@ -424,12 +447,16 @@ class _Run:
         self.sums: dict[str, Any] = {}
         self.watch = (jnp.int32(-1), jnp.float32(0))
 
-    def restore(self, state, with_best: bool):
+    def restore(self, state, with_best: bool, total_steps: int):
         manager = self.ckpt.manager
         state, self.best, self.history, sums = _restore(manager, state, self.best, with_best, self.steps_per_epoch,
                                                         self.name, self.mesh)
         self.sums = {k: jnp.float32(v) for k, v in sums.items()}
         self.step = int(state.step)
+        if _RESTORE_ONLY.get() and self.step < total_steps:   # restore only: a finished training, or one line
+            self.stop(_no_checkpoint(self.name, manager.directory) if self.step == 0 else errors.UserError(
+                f"{self.name}: the checkpoint in {manager.directory} is at step {self.step} of {total_steps}: the "
+                "training did not finish; rerun the same train command to finish it"))
         if self.step:
             logging.info("%s: resumed from %s at step %d (epoch %d, batch %d)", self.name, manager.directory,
                          self.step, *divmod(self.step, self.steps_per_epoch))
