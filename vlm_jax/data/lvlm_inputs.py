@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import chat, internvl_images, preprocess, qwen2_vl_images
+from vlm_jax.data import chat, features, internvl_images, preprocess, qwen2_vl_images
 from vlm_jax.errors import UserError
 
 QWEN2_VL_IMAGE_SIZE = 448  # the default fixed side: 32 x 32 patches, 256 image tokens (as one InternVL tile)
@@ -79,6 +79,10 @@ class LVLMInputs:
     def batch(self, arrays: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Per-image `vision` dicts -> the batch's, each array stacked on a leading batch axis."""
         return {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
+
+    def load_batch(self, images: Sequence[preprocess.ImageLike]) -> dict[str, np.ndarray]:
+        """`batch` of the images' `vision`, decoded in the loading thread pool."""
+        return self.batch(features.map_all(self.vision, images))
 
     def chat_format(self, tokenizer, template: str) -> chat.ChatFormat:
         """The run's `ChatFormat`: the template's placeholder expanded to `image_run`."""
