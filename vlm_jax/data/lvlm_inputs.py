@@ -26,6 +26,7 @@ Static shapes: jit compiles one program per shape, so a run gives every image th
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -140,23 +141,25 @@ def for_checkpoint(ckpt: str | os.PathLike, cfg: Any, tokenizer, image_size: int
     """The vision inputs of a checkpoint of any supported family.
 
     Args:
-      ckpt: the checkpoint directory.
-      cfg: its family config (`convert.auto.lvlm_config(ckpt)`).
+      ckpt: the checkpoint directory (its config.json's model_type names the family).
+      cfg: its family config (`convert.auto.lvlm_config(ckpt)`: `LlavaConfig`, `InternVLConfig`, `Qwen2VLConfig`).
       tokenizer: its tokenizer (`data.tokenize.load_tokenizer`).
       image_size: the run's image side (`model.image_size`; 0 = the family's default; see the module doc).
 
     Raises:
       UserError: an image processor or setting the family does not support, or an image_size it refuses.
     """
-    from vlm_jax.models.internvl import InternVLConfig
-    from vlm_jax.models.llava import LlavaConfig
-    from vlm_jax.models.qwen2_vl import Qwen2VLConfig
-
     ckpt = os.fspath(ckpt)
     image_size = int(image_size)
     if image_size < 0:
         raise UserError(f"model.image_size must be >= 0 (0 = the checkpoint's default), got {image_size}")
-    for kind, make in ((LlavaConfig, _llava), (InternVLConfig, _internvl), (Qwen2VLConfig, _qwen2_vl)):
-        if isinstance(cfg, kind):
-            return make(ckpt, cfg, tokenizer, image_size)
-    raise TypeError(f"no LVLM inputs for a {type(cfg).__name__}")
+    path = os.path.join(ckpt, "config.json")
+    try:
+        with open(path) as f:
+            family = json.load(f).get("model_type")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    makers = {"llava": _llava, "internvl": _internvl, "qwen2_vl": _qwen2_vl}
+    if family not in makers:
+        raise UserError(f"{ckpt} holds a {family!r} model; LVLM inputs exist for {', '.join(makers)}")
+    return makers[family](ckpt, cfg, tokenizer, image_size)
