@@ -1,5 +1,6 @@
 """Each method's train step on 8 fake CPU devices, under data / fsdp / data x fsdp x tensor meshes, gives the same
-losses and updated parameters as on 1 device (the LVLM methods on LLaVA; 'families': on InternVL and Qwen2-VL) (tests/mesh_child.py does the work in a child process, since the
+losses and updated parameters as on 1 device (the LVLM methods on LLaVA under fsdp; 'families': on InternVL and
+Qwen2-VL under data x fsdp x tensor) (tests/mesh_child.py does the work in a child process, since the
 device count is fixed when JAX starts)."""
 
 import os
@@ -21,4 +22,4 @@ def test_train_step_equal_on_1_and_8_devices_under_each_mesh(method):
         for name in ("vladva/internvl", "vladva/qwen2_vl", "vitask/internvl", "vitask/qwen2_vl"):
             assert proc.stdout.count(f"{name} {{") == 1, name
         return
-    assert proc.stdout.count(f"{method} {{") == (2 if method in ("vladva", "vitask") else 3)  # every mesh ran
+    assert proc.stdout.count(f"{method} {{") == (1 if method in ("vladva", "vitask") else 3)  # every mesh ran
