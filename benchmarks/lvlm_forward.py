@@ -4,11 +4,14 @@ llava: a ~100M-parameter LLaVA (CLIP ViT tower 384 wide / 6 layers at 224 px, Ll
 vocab 32k). qwen2_vl: a Qwen2-VL of the same widths (vision transformer 384 wide / 6 layers on a 392 px image:
 28 x 28 patches merged 2 x 2 into 196 tokens; Qwen2 LM with M-RoPE 768 wide / 8 layers, vocab 32k). Random
 weights, float32; the loss is next-token cross-entropy over the whole sequence (196 image tokens + text);
-gradients w.r.t. every parameter. Both frameworks get the same weights (the torch model is converted with
+gradients w.r.t. every parameter. internvl: an InternVL of the same widths (InternViT 384 wide / 6 layers on a 392 px
+tile: 28 x 28 patches pixel-shuffled into 196 tokens between <img> and </img>, LN-MLP projector; Llama LM 768 wide /
+8 layers). Both frameworks get the same weights (the torch model is converted with
 vlm_jax's table), and the first step's losses are compared.
 
   python benchmarks/lvlm_forward.py                      # LLaVA, batch 2, 256 tokens
   python benchmarks/lvlm_forward.py --family qwen2_vl    # Qwen2-VL, batch 2, 258 tokens
+  python benchmarks/lvlm_forward.py --family internvl    # InternVL, batch 2, 258 tokens
   python benchmarks/lvlm_forward.py --small              # a seconds-long smoke run (either family)
 """
 
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from vlm_jax.convert import llava as convert  # noqa: E402
+from vlm_jax.convert import internvl as internvl_convert  # noqa: E402
 from vlm_jax.convert import qwen2_vl as qwen2_vl_convert  # noqa: E402
 
 FULL = dict(
@@ -60,7 +64,39 @@ QWEN2_VL_SMALL = dict(
               num_key_value_heads=4, max_position_embeddings=256,
               rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e6}),
     image=112, text_tokens=16)
-VISION_START, VISION_END = 4, 5
+VISION_START, VISION_END = 4, 5  # Qwen2-VL's vision markers; InternVL's <img> / </img>
+# InternVL: the same widths; InternViT on one tile of `image_size` (patch 14, pixel shuffle 0.5: (image / 28)^2 tokens).
+INTERNVL_FULL = dict(
+    vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, image_size=392,
+                patch_size=14, attention_bias=True),
+    text=dict(FULL["text"]), text_tokens=60)
+INTERNVL_SMALL = dict(
+    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=112,
+                patch_size=14, attention_bias=True),
+    text=dict(SMALL["text"]), text_tokens=16)
+
+
+def build_internvl(spec):
+    config = transformers.InternVLConfig(vision_config=spec["vision"], text_config=spec["text"],
+                                         image_token_id=IMAGE_TOKEN)
+    torch.manual_seed(0)
+    hf = transformers.InternVLForConditionalGeneration(config).train()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, params = internvl_convert.from_pretrained(d)
+    return hf, model, params
+
+
+def internvl_batch(spec, model, batch, rng):
+    """(JAX args after params, torch kwargs, ids): one tile per row between <img> and </img>, then text."""
+    t = model.cfg.tokens_per_tile
+    text = rng.integers(10, spec["text"]["vocab_size"], size=(batch, spec["text_tokens"]))
+    ids = np.concatenate([np.full((batch, 1), VISION_START), np.full((batch, t), IMAGE_TOKEN),
+                          np.full((batch, 1), VISION_END), text], axis=1)
+    size = spec["vision"]["image_size"]
+    pixels = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    jax_args = (jnp.asarray(ids, jnp.int32), None, jnp.asarray(pixels))
+    return jax_args, dict(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))), ids
 
 
 def build_qwen2_vl(spec):
@@ -115,7 +151,7 @@ def build(spec):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="llava", choices=["llava", "qwen2_vl"])
+    parser.add_argument("--family", default="llava", choices=["llava", "internvl", "qwen2_vl"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -126,6 +162,10 @@ def main():
         spec = SMALL if args.small else FULL
         hf, model, params = build(spec)
         make_batch, name = llava_batch, "LLaVA"
+    elif args.family == "internvl":
+        spec = INTERNVL_SMALL if args.small else INTERNVL_FULL
+        hf, model, params = build_internvl(spec)
+        make_batch, name = internvl_batch, "InternVL"
     else:
         spec = QWEN2_VL_SMALL if args.small else QWEN2_VL_FULL
         hf, model, params = build_qwen2_vl(spec)

@@ -30,7 +30,10 @@ def get_config(arg=None):
     # the connector and the TSM train as float32 master weights whatever these say.
     # chat_template: '' = the checkpoint's own (what its HF processor renders), or a Jinja template / a format with
     # one '{}' for the user turn ('USER: {} ASSISTANT:') for a checkpoint without one.
-    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="", chat_template="")
+    # image_size: 0 = the family's static image size (LLaVA: its tower's; InternVL: one 448 px tile; Qwen2-VL: 448);
+    # Qwen2-VL takes another multiple of 28 (every image resized to it: one compiled shape per run).
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="", chat_template="",
+                   image_size=0)
     # name: one dataset or a comma-separated list trained jointly (`data.vitask_tasks`): a MedMNIST 2D name
     # (official npz in `root`; chestmnist is multi-label), 'folder:<path>' (<path>/{train,val,test}/<class>/*.png,
     # val optional; class = folder name, '_' -> ' '), 'builtin' (the 10 toy photos) or 'builtin_a' / 'builtin_b'

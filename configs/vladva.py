@@ -32,7 +32,10 @@ def get_config(arg=None):
     # trainable LoRA / prompts are float32 master weights whatever these say.
     # chat_template: '' = the checkpoint's own (what its HF processor renders); or a Jinja template, or a format
     # with one '{}' for the user turn ('USER: {} ASSISTANT:'), for a checkpoint that has none.
-    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="", chat_template="")
+    # image_size: 0 = the family's static image size (LLaVA: its tower's; InternVL: one 448 px tile; Qwen2-VL: 448);
+    # Qwen2-VL takes another multiple of 28 (every image resized to it: one compiled shape per run).
+    c.model = dict(checkpoint="llava-hf/llava-1.5-7b-hf", dtype="float32", param_dtype="", chat_template="",
+                   image_size=0)
     # train_limit: train on the first N pairs of a fixed permutation (0 = all).
     c.data = dict(name="manifest", manifest="", image_root="", train_limit=0,
                   # Evaluation (any subset): Karpathy-split retrieval JSON, SugarCrepe folder, Winoground JSONL,

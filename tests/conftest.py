@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def optimized_env():
     """The environment for a child process that *computes* more than it compiles (the LVLM programs on the
-    576 / 729-image-token replicas): XLA's optimising backend, which runs their steps about 2x faster than the
+    LLaVA / InternVL / Qwen2-VL replicas): XLA's optimising backend, which runs their steps about 2x faster than the
     suite's fast-compile flags do."""
     return dict(os.environ, XLA_FLAGS=_USER_XLA_FLAGS, JAX_PLATFORMS="cpu")
 

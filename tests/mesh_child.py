@@ -3,7 +3,7 @@
   python tests/mesh_child.py METHOD
 
 For METHOD in {dualadapter, tsm, vladva, vitask}: builds the method's real loss function on a tiny random
-model, trains 2 steps with `trainer.fit` on 1 device and under each mesh of MESHES (the model's parameters laid
+model (LLaVA for the LVLM methods; METHOD 'families': VladVA and VITask on InternVL and on Qwen2-VL), trains 2 steps with `trainer.fit` on 1 device and under each mesh of MESHES (the model's parameters laid
 out by their logical axes, `mesh.shard_params`), and checks the per-step losses and the updated trainable
 parameters against the 1-device run. Prints OK on success.
 """
@@ -28,8 +28,10 @@ from vlm_jax.train import trainer
 jax.config.update("jax_default_matmul_precision", "highest")
 MESHES = ({"data": 8}, {"fsdp": 8, "data": 1}, {"data": 2, "fsdp": 2, "tensor": 2})
 # The LVLM methods skip the pure data-parallel mesh, which the CLIP methods cover: each LVLM mesh compiles for
-# about a minute on 2 CPU cores, and fsdp / tensor are their recipes.
-LVLM_MESHES = MESHES[1:]
+# about a minute on 2 CPU cores, and fsdp / tensor are their recipes. On LLaVA they run the fsdp mesh; the
+# data x fsdp x tensor mesh runs them on InternVL and Qwen2-VL ('families'), so each mesh meets each method.
+LVLM_MESHES = MESHES[1:2]
+FAMILY_MESHES = MESHES[2:]
 B, STEPS = 8, 2
 # float32 with different reduction orders (sharded matmuls, all-reduced gradients): equal up to rounding.
 # ATOL is 1e-3 of one lr-1e-2 step.
@@ -53,8 +55,39 @@ def _llava():
     return model, jax.device_get(params)
 
 
-def _tokens(rng, t, extra):
-    return [1] + [IMAGE_TOKEN] * t + list(rng.integers(5, 100, size=extra))
+def _family(kind):
+    """A tiny random InternVL (InternViT 56 px tiles of 14 px patches -> 4 tokens, Llama LM) or Qwen2-VL
+    (56 px images -> 16 patches -> 4 merged tokens, Qwen2 LM with M-RoPE), built in-process, 1 layer each.
+
+    Returns:
+      (model, params, the image token run of one image, vision(rng) -> one batch's vision arrays by HF name).
+    """
+    from vlm_jax.models import internvl as internvl_lib
+    from vlm_jax.models import qwen2_vl as qwen2_vl_lib
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "internvl":
+        config = transformers.InternVLConfig(
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=56, patch_size=14, attention_bias=True),
+            text_config=dict(model_type="llama", **text), image_token_id=IMAGE_TOKEN)
+        model = internvl_lib.InternVL.from_hf_config(config)
+        run = [121] + [IMAGE_TOKEN] * model.cfg.tokens_per_tile + [122]   # <img> contexts </img>
+        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 1, 56, 56, 3)).astype(np.float32)}
+    else:
+        config = transformers.Qwen2VLConfig(
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2),
+            text_config=dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4},
+                             **text), image_token_id=IMAGE_TOKEN, vision_start_token_id=121, vision_end_token_id=122)
+        model = qwen2_vl_lib.Qwen2VL.from_hf_config(config)
+        run = [121] + [IMAGE_TOKEN] * 4 + [122]   # <|vision_start|> 4 x <|image_pad|> <|vision_end|>
+        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 16, model.cfg.vision.patch_dim)).astype(np.float32),
+                              "image_grid_thw": np.tile(np.array([[1, 4, 4]], np.int32), (B, 1))}
+    params = mesh_lib.sharded_init(model, model.init_inputs(), jax.random.key(0), mesh_lib.make_mesh(
+        {"data": 1}, devices=jax.devices()[:1]))
+    return model, jax.device_get(params), run, vision
 
 
 def setup_dualadapter(rng):
@@ -100,9 +133,14 @@ def setup_tsm(rng):
     return tsm.make_loss_fn(model), params, list(tsm.PARAM_GROUPS), batches, place, "tower/.*/fc1/kernel"
 
 
-def setup_vladva(rng):
-    model, base = _llava()
-    t = model.cfg.tokens_per_image
+def setup_vladva(rng, family="llava"):
+    if family == "llava":
+        model, base = _llava()
+        run = [IMAGE_TOKEN] * model.cfg.tokens_per_image
+        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32)}
+    else:
+        model, base, run, vision = _family(family)
+    t = len(run)
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
     img_prompt, txt_prompt = [30, 31, 32], [40, 41]
     params = {"base": base, "lora": peft.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=4),
@@ -110,14 +148,14 @@ def setup_vladva(rng):
               "text_prompt": peft.soft_prompt_init(table, txt_prompt)}
 
     def batch():
-        image = np.array([[1] + [IMAGE_TOKEN] * t + img_prompt] * B, np.int32)
+        image = np.array([[1] + run + img_prompt] * B, np.int32)
         text = np.array([[1] + list(rng.integers(50, 100, size=5)) + txt_prompt for _ in range(B)], np.int32)
         cap = rng.integers(50, 100, size=(B, 6))
         long = np.concatenate([image, cap], 1).astype(np.int32)
         loss_mask = np.zeros_like(long)
         loss_mask[:, image.shape[1]:] = 1
         return dict(image_ids=image, image_mask=np.ones_like(image), text_ids=text, text_mask=np.ones_like(text),
-                    pixel_values=rng.normal(size=(B, 16, 16, 3)).astype(np.float32), long_ids=long,
+                    **vision(rng), long_ids=long,
                     long_mask=np.ones_like(long), long_loss_mask=loss_mask, has_short=np.ones(B, bool),
                     has_long=np.arange(B) % 3 != 0,
                     image_prompt_start=np.full(B, 1 + t, np.int32), long_prompt_start=np.full(B, 1 + t, np.int32),
@@ -128,9 +166,13 @@ def setup_vladva(rng):
             place, "base/language_model/.*/up_proj/kernel")
 
 
-def setup_vitask(rng):
-    model, base = _llava()
-    t = model.cfg.tokens_per_image
+def setup_vitask(rng, family="llava"):
+    if family == "llava":
+        model, base = _llava()
+        run = [IMAGE_TOKEN] * model.cfg.tokens_per_image
+        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32)}
+    else:
+        model, base, run, vision = _family(family)
     connector = vitask.ExemplarConnector(out_dim=32)
     conn = jax.device_get(connector.init(jax.random.key(2), jnp.zeros((1, 24)))["params"])
     params = {"base": base, "lora": peft.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=4),
@@ -140,13 +182,12 @@ def setup_vitask(rng):
                                           beta=1.0, rda_direction="student_teacher")
 
     def batch():
-        ids = np.array([_tokens(rng, t, 8) for _ in range(B)], np.int32)
+        ids = np.array([[1] + run + list(rng.integers(5, 100, size=8)) for _ in range(B)], np.int32)
         amask = np.zeros_like(ids)
         amask[:, -3:] = 1
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "answer_mask": amask,
-                "pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32),
-                "neg_pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32),
-                "feature": rng.normal(size=(B, 24)).astype(np.float32)}
+        neg = vision(rng)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "answer_mask": amask, **vision(rng),
+                "neg_pixel_values": neg["pixel_values"], "feature": rng.normal(size=(B, 24)).astype(np.float32)}
     place = lambda p, mesh: {**p, "base": mesh_lib.shard_params(p["base"], model, model.init_inputs(), mesh)}
     return (loss_fn, params, [("lora/.*", 1.0), ("connector/.*", 1.0)], [batch() for _ in range(STEPS)], place,
             "base/language_model/.*/up_proj/kernel")
@@ -158,7 +199,19 @@ def setup_vitask(rng):
 def main():
     method = sys.argv[1]
     assert len(jax.devices()) == 8, jax.devices()
-    loss_fn, params, groups, batches, place, sharded_path = globals()[f"setup_{method}"](np.random.default_rng(0))
+    if method == "families":  # each LVLM method on the other families, on the mixed mesh only (compile time)
+        for name in ("vladva", "vitask"):
+            for family in ("internvl", "qwen2_vl"):
+                check(f"{name}/{family}", globals()[f"setup_{name}"](np.random.default_rng(0), family), FAMILY_MESHES)
+    else:
+        check(method, globals()[f"setup_{method}"](np.random.default_rng(0)),
+              LVLM_MESHES if method in ("vladva", "vitask") else MESHES)
+    print("OK")
+
+
+def check(method, setup, meshes):
+    """Trains STEPS steps on 1 device and under each mesh of `meshes`; losses and parameters must agree."""
+    loss_fn, params, groups, batches, place, sharded_path = setup
 
     def run(mesh):
         p = place(jax.tree.map(jnp.copy, params), mesh)
@@ -174,7 +227,7 @@ def main():
              for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(trainer.partition(
                  params, trainer.param_labels(params, groups))[0]))]
     assert max(moved) > 1e-4, "the steps did not change the parameters: nothing would be compared"
-    for shape in (LVLM_MESHES if method in ("vladva", "vitask") else MESHES):
+    for shape in meshes:
         mesh = mesh_lib.make_mesh(shape)
         fit, placed = run(mesh)
         # The layout really is sharded: a weight named by `sharded_path` spans several devices under fsdp/tensor.
@@ -195,7 +248,6 @@ def main():
                 assert v.sharding == before, (k, v.sharding, before)
         print(f"{method} {shape}: loss {fit.history[0]['train_loss']:.6f} (1 device "
               f"{ref.history[0]['train_loss']:.6f})", flush=True)
-    print("OK")
 
 
 if __name__ == "__main__":

@@ -216,8 +216,8 @@ def test_left_padded_mixed_batch_generates_as_each_prompt_alone(setup):
     ds = test.dataset[idx]
     ids, mask = seqs.prompt_rows(ds)
     assert (mask == 0).any()
-    gen = lambda e, m: np.asarray(generate.greedy_generate(model, weights, None, m, 6, eos_token_id=None,
-                                                           pad_token_id=seqs.pad, inputs_embeds=e))
+    gen = lambda e, m, p: np.asarray(generate.greedy_generate(model, weights, None, m, 6, eos_token_id=None,
+                                                              pad_token_id=seqs.pad, inputs_embeds=e, positions=p))
     mixed = gen(*embed(weights, conn_params, ids, mask, px, feats, use_ep=True))  # the exemplar goes in too
     for i, d in enumerate(ds):
         alone_ids = np.asarray([seqs.prompts[d]], np.int32)

@@ -87,12 +87,15 @@ class ChatFormat:
       tokens_per_image: image tokens one placeholder expands to.
       image_token_id: their id (the model config's).
       image_token: the placeholder's text.
+      image_run: the ids one placeholder becomes (the family's layout, `data.lvlm_inputs`: InternVL's
+        `<img>` + contexts + `</img>`); None: `tokens_per_image` image tokens (LLaVA, Qwen2-VL).
     """
 
     def __init__(self, tokenizer, template: str, tokens_per_image: int, image_token_id: int,
-                 image_token: str = IMAGE_PLACEHOLDER):
+                 image_token: str = IMAGE_PLACEHOLDER, image_run: Sequence[int] | None = None):
         self.tok, self.template = tokenizer, template
         self.tokens_per_image, self.image_token_id, self.image_token = tokens_per_image, image_token_id, image_token
+        self.image_run = list(image_run) if image_run is not None else [image_token_id] * tokens_per_image
         if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
             raise UserError(f"the tokenizer's {image_token!r} is id {tokenizer.convert_tokens_to_ids(image_token)}, "
                             f"the model's image_token_id is {image_token_id}: tokenizer and model do not match")
@@ -130,14 +133,14 @@ class ChatFormat:
 
     def encode(self, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character offsets of a rendered prompt as the processor tokenizes it, the image placeholder
-        expanded to `tokens_per_image` tokens (the expanded ones all carry the placeholder's offsets)."""
+        expanded to `image_run` (the expanded ones all carry the placeholder's offsets)."""
         enc = self.tok(rendered, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         out_ids, out_off = [], []
         for i, o in zip(ids, offsets):
-            n = self.tokens_per_image if i == self.image_token_id else 1
-            out_ids += [i] * n
-            out_off += [o] * n
+            run = self.image_run if i == self.image_token_id else [i]
+            out_ids += run
+            out_off += [o] * len(run)
         return out_ids, out_off
 
     def prompt(self, text: str, image: bool) -> list[int]:

@@ -27,7 +27,12 @@ _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count()
 
 def load_all(load: Callable[[Any], np.ndarray], items: Sequence[Any]) -> np.ndarray:
     """np.stack of `load(item)` for all items, decoded in a thread pool (PIL releases the GIL), in order."""
-    return np.stack(list(_POOL.map(load, items)))
+    return np.stack(map_all(load, items))
+
+
+def map_all(load: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """[load(item) for item in items], decoded in the same thread pool, in order (e.g. dicts of vision arrays)."""
+    return list(_POOL.map(load, items))
 
 
 _MIB = 1 << 20

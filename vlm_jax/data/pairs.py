@@ -144,15 +144,25 @@ def split_captions(tokens: Tokens, captions: Sequence[str | None]) -> tuple[str 
     return short, long
 
 
-def train_batch(tokens: Tokens, images: np.ndarray, shorts: Sequence[str | None],
+def _vision(images) -> dict[str, np.ndarray]:
+    """The batch's vision arrays by HF name: a dict (`lvlm_inputs.LVLMInputs.load_batch`, any family) or LLaVA's
+    bare f32[B, H, W, 3] pixel_values."""
+    if isinstance(images, dict):
+        return dict(images)
+    return {"pixel_values": np.asarray(images, np.float32)}
+
+
+def train_batch(tokens: Tokens, images, shorts: Sequence[str | None],
                 longs: Sequence[str | None]) -> dict[str, np.ndarray]:
     """The batch layout of `vladva.make_loss_fn` for B samples (a missing caption is None).
 
     Args:
-      images: f32[B, H, W, 3] preprocessed images.
+      images: the B images' vision arrays by HF name (`lvlm_inputs.LVLMInputs.load_batch`), or f32[B, H, W, 3]
+        preprocessed LLaVA images.
       shorts / longs: per sample, the contrastive caption and the NTP caption (see `split_captions`).
     """
-    b = len(images)
+    vision = _vision(images)
+    b = len(vision["pixel_values"])
     img_ids, start = tokens.image_row()
     image_ids, image_mask = _pad([img_ids] * b, len(img_ids), tokens.pad)
     text = [tokens.text_row(s or "") for s in shorts]
@@ -161,7 +171,7 @@ def train_batch(tokens: Tokens, images: np.ndarray, shorts: Sequence[str | None]
     long_ids, long_mask = _pad([l[0] for l in long], tokens.spec.long_len, tokens.pad)
     loss_mask, _ = _pad([l[1] for l in long], tokens.spec.long_len, 0)
     return {
-        "image_ids": image_ids, "image_mask": image_mask, "pixel_values": np.asarray(images, np.float32),
+        "image_ids": image_ids, "image_mask": image_mask, **vision,
         "image_prompt_start": np.full((b,), start, np.int32),
         "text_ids": text_ids, "text_mask": text_mask, "text_prompt_start": np.array([t[1] for t in text], np.int32),
         "long_ids": long_ids, "long_mask": long_mask, "long_loss_mask": loss_mask * long_mask,
@@ -170,12 +180,14 @@ def train_batch(tokens: Tokens, images: np.ndarray, shorts: Sequence[str | None]
     }
 
 
-def image_batch(tokens: Tokens, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Inputs of `vladva.image_embedding` for f32[B, H, W, 3] images."""
+def image_batch(tokens: Tokens, images) -> dict[str, np.ndarray]:
+    """Inputs of `vladva.image_embedding` for B images (their vision arrays, as `train_batch` takes them)."""
+    vision = _vision(images)
+    b = len(vision["pixel_values"])
     ids, start = tokens.image_row()
-    image_ids, image_mask = _pad([ids] * len(images), len(ids), tokens.pad)
-    return {"input_ids": image_ids, "attention_mask": image_mask, "pixel_values": np.asarray(images, np.float32),
-            "prompt_start": np.full((len(images),), start, np.int32)}
+    image_ids, image_mask = _pad([ids] * b, len(ids), tokens.pad)
+    return {"input_ids": image_ids, "attention_mask": image_mask, **vision,
+            "prompt_start": np.full((b,), start, np.int32)}
 
 
 def text_batch(tokens: Tokens, captions: Sequence[str]) -> dict[str, np.ndarray]:

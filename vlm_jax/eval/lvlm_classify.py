@@ -2,7 +2,9 @@
 answer scored against a KV cache of the prompt) or by greedy generation matched to the label set.
 
 Both take a `vitask_tasks.Split` of a `JointTask` and return (pred bool[N, C] in the joint label space, valid
-bool[N]); `pixels_of(idx)` gives f32[b, H, W, 3] of the split's rows through the LVLM's image processor.
+bool[N]); `pixels_of(idx)` gives the split's rows' vision arrays through the LVLM's image processor (a dict by HF
+name, `data.lvlm_inputs`, or LLaVA's bare f32[b, H, W, 3]). Any LVLM family: Qwen2-VL's prompts are prefilled at
+their M-RoPE positions (`model.positions`) and decoded with its `MRopeCache`.
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ def generate_answers(model, embed, seqs: vitask_tasks.Seqs, tok, split: vitask_t
     texts = []
     for idx, n in feats.padded_chunks(range(len(split)), batch):
         ids, mask = seqs.prompt_rows(split.dataset[idx])
-        embeds, mask = embed(weights, conn, ids, mask, pixels_of(idx), split_feats[idx],
-                             use_ep=use_ep)
+        embeds, mask, positions = embed(weights, conn, ids, mask, pixels_of(idx), split_feats[idx],
+                                        use_ep=use_ep)
         out = np.asarray(generate.greedy_generate(model, weights, None, mask, max_new, eos_token_id=eos,
-                                                  pad_token_id=seqs.pad, inputs_embeds=embeds))
+                                                  pad_token_id=seqs.pad, inputs_embeds=embeds,
+                                                  positions=positions))
         for row in out[:n]:
             row = row.tolist()
             texts.append(tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True))

@@ -27,6 +27,7 @@ front and right padding stays at the end; positions from `cumsum(mask) - 1` stay
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 
 from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft
+from vlm_jax.models.llava import vision_inputs
 
 Dtype = jnp.dtype
 STAGES = (1, 2)
@@ -228,16 +230,35 @@ def total_loss(stage: int, l_van: jax.Array, l_ep: jax.Array, rda: jax.Array, cr
 # ----------------------------------------------------------------------------------------------------------
 # The LVLM passes and losses.
 
+def _vision(pixels) -> dict:
+    # A bare pixel array is LLaVA's / InternVL's pixel_values; a dict holds any family's arrays by HF name.
+    return dict(pixels) if isinstance(pixels, Mapping) else {"pixel_values": pixels}
+
+
+def multimodal_prompt(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature):
+    """(embeds f32[B, L(+1), D], mask, rotary positions or None, exemplar position i32[B] or None): the images
+    spliced in (any LVLM family: `pixels` = its vision arrays by HF name), with the exemplar token after them when
+    `conn` is given. The positions are the family's for the final sequence (`model.positions`: Qwen2-VL's M-RoPE
+    with the exemplar as one text token after the image; None for LLaVA / InternVL)."""
+    vision = _vision(pixels)
+    embeds = model.apply({"params": weights}, ids, method="embed_multimodal", **vision)
+    pos = None
+    if conn is not None:
+        pos = exemplar_position(ids, image_token_id)
+        ex = connector.apply({"params": conn}, feature)
+        embeds, mask = insert_exemplar(embeds, mask, ex, pos)
+        ids = insert_token(ids, -1, pos)  # a text token (never an image id) for the positions
+    return embeds, mask, model.positions(ids, mask, **vision), pos
+
+
 def make_forward(model, connector: "ExemplarConnector", image_token_id: int):
     def forward(weights, ids, mask, pixels, conn=None, feature=None):
-        """Plain pass (conn None): f32[B, L, V]; exemplar pass: (f32[B, L + 1, V], position i32[B])."""
-        embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
-        pos = None
-        if conn is not None:
-            pos = exemplar_position(ids, image_token_id)
-            ex = connector.apply({"params": conn}, feature)
-            embeds, mask = insert_exemplar(embeds, mask, ex, pos)
-        hidden, _ = model.apply({"params": weights}, None, mask, inputs_embeds=embeds, method="hidden_states")
+        """Plain pass (conn None): f32[B, L, V]; exemplar pass: (f32[B, L + 1, V], position i32[B]).
+        `pixels`: the rows' vision arrays by HF name (a dict), or LLaVA's / InternVL's bare pixel_values."""
+        embeds, mask, positions, pos = multimodal_prompt(model, connector, image_token_id, weights, conn, ids, mask,
+                                                         pixels, feature)
+        hidden, _ = model.apply({"params": weights}, None, mask, inputs_embeds=embeds, positions=positions,
+                                method="hidden_states")
         logits = model.apply({"params": weights}, hidden, method="logits")
         return logits if conn is None else (logits, pos)
     return forward
@@ -258,17 +279,19 @@ def make_loss_fn(forward, *, stage: int | None, pad_id: int, lora_alpha: float, 
 
     def _loss(weights, params, batch):
         ids, mask, amask = batch["input_ids"], batch["attention_mask"], batch["answer_mask"]
-        plain = forward(weights, ids, mask, batch["pixel_values"])
+        vision = vision_inputs(batch)
+        plain = forward(weights, ids, mask, vision)
         l_van = answer_nll(plain, ids, amask)
         if stage is None:
             return l_van, {"loss": l_van, "l_van": l_van}
-        ep, pos = forward(weights, ids, mask, batch["pixel_values"], params["connector"], batch["feature"])
+        ep, pos = forward(weights, ids, mask, vision, params["connector"], batch["feature"])
         l_ep = answer_nll(ep, insert_token(ids, pad_id, pos), insert_token(amask, 0, pos))
         rda = rda_loss(plain, drop_exemplar_logits(ep, pos), amask, direction=rda_direction)
         crt = None
         m = {"l_van": l_van, "l_ep": l_ep, "rda": rda}
         if stage == 2:
-            neg = forward(weights, ids, mask, batch["neg_pixel_values"])
+            # The negative image has the positive's size (one static size per run), hence its grid too.
+            neg = forward(weights, ids, mask, {**vision, **vision_inputs(batch, "neg_")})
             crt = crt_loss(plain, neg, ids, amask)
             m["crt"] = crt
         loss = total_loss(stage, l_van, l_ep, rda, crt, alpha=alpha, beta=beta)
@@ -299,16 +322,18 @@ def make_scorer(forward, *, lora_alpha: float, lora_rank: int):
 # Label scoring (the likelihood evaluation and its uncached reference).
 
 def prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature, use_ep):
-    """Embedded (left-padded) prompts with the images spliced in [and the exemplar after them]."""
-    embeds = model.apply({"params": weights}, ids, pixels, method="embed_multimodal")
-    if use_ep:
-        ex = connector.apply({"params": conn}, feature)
-        embeds, mask = insert_exemplar(embeds, mask, ex, exemplar_position(ids, image_token_id))
-    return embeds, mask
+    """(embeds, mask, rotary positions or None) of (left-padded) prompts with the images spliced in [and the
+    exemplar after them]; see `multimodal_prompt`."""
+    embeds, mask, positions, _ = multimodal_prompt(model, connector, image_token_id, weights,
+                                                   conn if use_ep else None, ids, mask, pixels, feature)
+    return embeds, mask, positions
 
 
 def repeat_cache(cache, k: int, scan_layers: bool = False):
-    """Each row of a `KVCache` repeated k times (row b -> rows b*k .. b*k + k - 1)."""
+    """Each row of a `KVCache` (or Qwen2-VL's `MRopeCache`: its rope deltas too) repeated k times (row b -> rows
+    b*k .. b*k + k - 1)."""
+    if hasattr(cache, "delta"):
+        return cache.replace(kv=repeat_cache(cache.kv, k, scan_layers), delta=jnp.repeat(cache.delta, k, axis=0))
     kv_axis = 1 if scan_layers else 0  # scanned layers stack k / v on a leading layer axis
     rep = lambda x: jnp.repeat(x, k, axis=kv_axis)
     return cache.replace(k=jax.tree.map(rep, cache.k), v=jax.tree.map(rep, cache.v),
@@ -330,17 +355,19 @@ def make_ranker(model, connector, image_token_id: int):
 
         Args:
           weights: the model's params (a `peft.LoraModel`'s {'base', 'lora'}); conn: connector params (with use_ep).
-          ids, mask: i32[B, P] left-padded prompts (`Seqs.prompt_rows`); pixels f32[B, H, W, 3]; feature f32[B, Dt].
+          ids, mask: i32[B, P] left-padded prompts (`Seqs.prompt_rows`); pixels: the rows' vision arrays by HF
+            name (`data.lvlm_inputs`; or a bare f32[B, H, W, 3]); feature f32[B, Dt].
           ans_ids, ans_mask: i32[B, K, A] each row's K right-padded answers ' <label>.' + EOS (mask 0 rows score
             whatever; the caller masks them).
         """
-        embeds, mask = prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels, feature,
-                                      use_ep)
+        embeds, mask, positions = prompt_embeds(model, connector, image_token_id, weights, conn, ids, mask, pixels,
+                                                feature, use_ep)
         b, p = mask.shape
         k, a = ans_ids.shape[1:]
         v = {"params": weights}
         cache = model.init_cache(b, p + a)
-        hidden, cache = model.apply(v, None, mask, inputs_embeds=embeds, cache=cache, method="hidden_states")
+        hidden, cache = model.apply(v, None, mask, inputs_embeds=embeds, positions=positions, cache=cache,
+                                    method="hidden_states")
         # The last prompt position predicts every answer's first token.
         first = jax.nn.log_softmax(model.apply(v, hidden[:, -1], method="logits").astype(jnp.float32), axis=-1)
         s0 = jnp.take_along_axis(first, ans_ids[:, :, 0], axis=1)

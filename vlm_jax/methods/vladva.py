@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import peft
+from vlm_jax.models.llava import VISION_KEYS, vision_inputs
 
 PyTree = Any
 
@@ -76,34 +77,47 @@ def last_token_embedding(hidden: jax.Array, attention_mask: jax.Array) -> jax.Ar
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-def _embed(model, params, embeds, attention_mask, prompt, prompt_start):
+def _embed(model, params, embeds, attention_mask, prompt, prompt_start, positions=None):
     if prompt is not None:
         if prompt_start is None:
             raise ValueError("a soft prompt needs prompt_start (e.g. peft.find_span of the handcrafted prompt)")
         embeds = peft.replace_span(embeds, prompt_start, prompt)
-    hidden, _ = model.apply({"params": params}, None, attention_mask, inputs_embeds=embeds, method="hidden_states")
+    hidden, _ = model.apply({"params": params}, None, attention_mask, inputs_embeds=embeds, positions=positions,
+                            method="hidden_states")
     return last_token_embedding(hidden, attention_mask)
 
 
+def multimodal_inputs(model, params: PyTree, input_ids: jax.Array, attention_mask: jax.Array,
+                      vision: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
+    """(f32[B, L, D] embeddings with the images spliced in, the rotary positions or None) of image rows: the LVLM
+    interface (`models.llava.ImageTokenLVLM`) for any family; `vision` = the batch's arrays by HF name."""
+    embeds = model.apply({"params": params}, input_ids, method="embed_multimodal", **vision)
+    return embeds, model.positions(input_ids, attention_mask, **vision)
+
+
 def image_embedding(model, params: PyTree, input_ids: jax.Array, attention_mask: jax.Array,
-                    pixel_values: jax.Array, *, prompt: jax.Array | None = None,
+                    vision: Mapping[str, jax.Array], *, prompt: jax.Array | None = None,
                     prompt_start: jax.Array | None = None) -> jax.Array:
     """Image embedding: the LVLM over [image + image prompt], last real token's final-norm hidden state.
 
     Args:
-      model: a `vlm_jax.models.llava.Llava`.
+      model: an LVLM of `convert.auto` (LLaVA, InternVL, Qwen2-VL).
       params: its params (LoRA already merged by the caller if any: `peft.lora_merge` inside the loss).
-      input_ids: i32[B, L] with `tokens_per_image` image tokens per row (processor-expanded `<image>`).
+      input_ids: i32[B, L] with each row's image token run (processor-expanded placeholder).
       attention_mask: i32[B, L].
-      pixel_values: f32[B, H, W, 3] normalised NHWC images, one per row.
+      vision: the rows' vision arrays by HF name, one image per row (`data.lvlm_inputs`): pixel_values
+        f32[B, H, W, 3] for LLaVA, f32[B, tiles, H, W, 3] for InternVL, f32[B, P, C*T*P*P] (+ image_grid_thw
+        i32[B, 3]) for Qwen2-VL.
       prompt: f32[P, D] (or f32[B, P, D]) soft image prompt, or None for the handcrafted tokens as they are.
       prompt_start: i32[B] start of the prompt span per row (-1: leave the row unchanged).
 
     Returns:
       f32[B, D] (not normalised).
     """
-    embeds = model.apply({"params": params}, input_ids, pixel_values, method="embed_multimodal")
-    return _embed(model, params, embeds, attention_mask, prompt, prompt_start)
+    if not isinstance(vision, Mapping):  # a bare pixel array (LLaVA / InternVL)
+        vision = {"pixel_values": vision}
+    embeds, positions = multimodal_inputs(model, params, input_ids, attention_mask, vision)
+    return _embed(model, params, embeds, attention_mask, prompt, prompt_start, positions)
 
 
 def text_embedding(model, params: PyTree, input_ids: jax.Array, attention_mask: jax.Array, *,
@@ -111,7 +125,7 @@ def text_embedding(model, params: PyTree, input_ids: jax.Array, attention_mask: 
     """Text embedding: the LM alone over [caption + text prompt], last real token's final-norm hidden state.
 
     Args:
-      model: a `Llava` (its LM is used; the vision tower never runs) or a `CausalLM`.
+      model: an LVLM (its LM is used; the vision tower never runs) or a `CausalLM`.
       params: its params (LoRA merged by the caller if any).
       input_ids, attention_mask: i32[B, L] a caption's chat-templated TEXT_PROMPT (`data.pairs`).
       prompt, prompt_start: as `image_embedding`, with the text side's soft prompt.
@@ -279,7 +293,7 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
     """Builds `loss_fn(params, batch, rng) -> (loss, metrics)` for `vlm_jax.train.trainer`.
 
     Params tree:
-      {'base': Llava params (frozen), 'lora': `peft.lora_init(base, ..., targets=LORA_TARGETS)` tree (may be
+      {'base': the LVLM's params (frozen), 'lora': `peft.lora_init(base, ..., targets=LORA_TARGETS)` tree (may be
        {} or absent: no LoRA), 'image_prompt': f32[P, D], 'text_prompt': f32[P', D] (each may be absent: the
        handcrafted tokens are used as they are), optionally 'log_temperature': f32[] (learnable T, clipped to
        [min_temperature, max_temperature]; otherwise `temperature` is fixed)}.
@@ -287,8 +301,9 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
 
     Batch (global batch B, one image per sample; all rows may be left- or right-padded):
       image_ids i32[B, Li], image_mask i32[B, Li]: chat-templated IMAGE_PROMPT with the image placeholder expanded to
-        tokens_per_image image tokens.
-      pixel_values f32[B, H, W, 3]: the sample's image (also the image of long_ids' image tokens).
+        the family's image token run.
+      pixel_values (+ image_grid_thw for Qwen2-VL): the sample's image by HF name, one per row
+        (`data.lvlm_inputs`; also the image of long_ids' image tokens).
       image_prompt_start i32[B]: start of the image prompt's span in image_ids (-1: none).
       text_ids i32[B, Lt], text_mask i32[B, Lt]: chat-templated TEXT_PROMPT of the short caption.
       text_prompt_start i32[B]: start of the text prompt's span in text_ids.
@@ -324,25 +339,25 @@ def make_loss_fn(model, *, lora_alpha: float, lora_rank: int, temperature: float
             t = temperature
         pick = lambda *keys: {k: batch[k] for k in keys if k in batch}
         img = _rowwise(lambda x: image_embedding(
-            model, weights, x["image_ids"], x["image_mask"], x["pixel_values"], prompt=image_prompt,
+            model, weights, x["image_ids"], x["image_mask"], vision_inputs(x), prompt=image_prompt,
             prompt_start=x.get("image_prompt_start")), grad_cache_chunks,
-            pick("image_ids", "image_mask", "pixel_values", "image_prompt_start"))
+            pick("image_ids", "image_mask", "image_prompt_start", *VISION_KEYS))
         txt = _rowwise(lambda x: text_embedding(
             model, weights, x["text_ids"], x["text_mask"], prompt=text_prompt, prompt_start=x.get("text_prompt_start")),
             grad_cache_chunks, pick("text_ids", "text_mask", "text_prompt_start"))
         ntp_sums = None
         if ntp_weight:
             def ntp(x):
-                embeds = model.apply({"params": weights}, x["long_ids"], x["pixel_values"], method="embed_multimodal")
+                embeds, positions = multimodal_inputs(model, weights, x["long_ids"], x["long_mask"], vision_inputs(x))
                 if image_prompt is not None and "long_prompt_start" in x:
                     embeds = peft.replace_span(embeds, x["long_prompt_start"], image_prompt)
                 hidden, _ = model.apply({"params": weights}, None, x["long_mask"], inputs_embeds=embeds,
-                                        method="hidden_states")
+                                        positions=positions, method="hidden_states")
                 logits = model.apply({"params": weights}, hidden, method="logits")
                 mask = x["long_loss_mask"] * x["has_long"].astype(x["long_loss_mask"].dtype)[:, None]
                 return next_token_sums(logits, x["long_ids"], mask)
-            sums = _rowwise(ntp, grad_cache_chunks, pick("long_ids", "long_mask", "long_loss_mask", "pixel_values",
-                                                    "long_prompt_start") | {"has_long": batch["has_long"]})
+            sums = _rowwise(ntp, grad_cache_chunks, pick("long_ids", "long_mask", "long_loss_mask", "long_prompt_start",
+                                                    *VISION_KEYS) | {"has_long": batch["has_long"]})
             ntp_sums = jax.tree.map(jnp.sum, sums) if grad_cache_chunks > 1 else sums
         return total_loss(img, txt, None, None, None, batch["has_short"], None, temperature=t,
                           ntp_weight=ntp_weight, ntp_sums=ntp_sums)

@@ -26,6 +26,14 @@ from vlm_jax.models import siglip as siglip_lib
 
 Dtype = Any
 SELECT_STRATEGIES = ("default", "full")
+# The vision inputs of every LVLM family, under the HF processors' names: what `embed_multimodal` and `positions`
+# take as keyword arguments (a batch dict holds those of its family only; `vision_inputs`).
+VISION_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def vision_inputs(batch, prefix: str = "") -> dict:
+    """The vision arrays of a batch dict ({prefix + name} for name in VISION_KEYS), under their HF names."""
+    return {k: batch[prefix + k] for k in VISION_KEYS if prefix + k in batch}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,15 +158,32 @@ def check_image_tokens(input_ids, num_images: int, tokens_per_image: int, image_
 class ImageTokenLVLM(nn.Module):
     """What the LVLMs that splice image features at image-token positions share (LLaVA, InternVL): their face to
     the programs. A subclass defines `cfg` (with `text` and `image_token_id`), `language_model` (a
-    `llama.CausalLM`), `scan_layers`, `dtype` and `image_features(pixel_values) -> f32[N, T, D]`."""
+    `llama.CausalLM`), `scan_layers`, `dtype` and `image_features(pixel_values) -> f32[N, T, D]`.
+
+    The LVLM interface every program uses (`Qwen2VL` has the same methods):
+      embed_multimodal(input_ids, **vision) -> f32[B, L, D]; vision = the processor's arrays by HF name
+        (`VISION_KEYS`), either HF's flat layout or with a leading batch axis (one image per row, as the programs
+        batch them), which is flattened here;
+      positions(input_ids, attention_mask, **vision) -> the rotary positions to pass to `hidden_states` (None:
+        the LM's own, count of real tokens; Qwen2-VL's M-RoPE positions);
+      hidden_states / logits / embed / init_cache / init_inputs.
+    """
 
     def embed_multimodal(self, input_ids, pixel_values=None):
-        """i32[B, L] ids (+ f32[N, H, W, 3] images or tiles) -> f32[B, L, D] embeddings, the image features
-        (`image_features`, one row per image token) spliced in at the image-token positions."""
+        """i32[B, L] ids (+ f32[N, H, W, 3] images or tiles, or f32[B, T, H, W, 3] T tiles per row) -> f32[B, L, D]
+        embeddings, the image features (`image_features`, one row per image token) spliced in at the image-token
+        positions."""
         embeds = self.language_model.embed(input_ids)
         if pixel_values is None:
             return embeds
+        if pixel_values.ndim == 5:  # [B, T, H, W, 3]: each row's tiles, in order
+            pixel_values = pixel_values.reshape(-1, *pixel_values.shape[2:])
         return merge_image_features(embeds, input_ids, self.image_features(pixel_values), self.cfg.image_token_id)
+
+    def positions(self, input_ids, attention_mask=None, pixel_values=None):
+        """None: 1-D rotary positions, which the LM derives from the mask (works on the unbound module)."""
+        del input_ids, attention_mask, pixel_values
+        return None
 
     def hidden_states(self, input_ids, attention_mask=None, *, inputs_embeds=None, positions=None, cache=None):
         """The LM's final-norm hidden states; see `CausalLM.hidden_states`."""

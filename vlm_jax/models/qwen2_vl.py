@@ -228,6 +228,13 @@ def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2VLConfig) -> None:
                          f"{cfg.vision.spatial_merge_size ** 2} tokens, as the HF processor does")
 
 
+def _flat_vision(pixel_values, image_grid_thw):
+    """The processor's flat layout from a per-row one (f32[B, P, C*T*P*P] -> f32[B*P, ...], i32[B, 3])."""
+    if pixel_values.ndim == 3:
+        pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
+    return pixel_values, jnp.reshape(image_grid_thw, (-1, 3))
+
+
 @flax.struct.dataclass
 class MRopeCache:
     """A `llama.KVCache` plus each row's rope delta (i32[B]), which positions the tokens decoded after a prompt."""
@@ -390,15 +397,25 @@ class Qwen2VL(nn.Module):
         return rope_positions(input_ids, attention_mask, image_grid_thw, image_token_id=self.cfg.image_token_id,
                               spatial_merge_size=self.cfg.vision.spatial_merge_size)
 
+    def positions(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """M-RoPE positions i32[3, B, L] of prompts with images (None without images: text positions are the
+        LM's default). Works on the unbound module, so programs call it outside `apply`."""
+        del pixel_values
+        if image_grid_thw is None:
+            return None
+        return self.rope_positions(input_ids, attention_mask, jnp.reshape(image_grid_thw, (-1, 3)))[0]
+
     def image_features(self, pixel_values, image_grid_thw):
         """f32[N, C*T*P*P] patches + i32[n, 3] grids -> f32[N / merge^2, D] features (one per image token)."""
         return self.visual(pixel_values, image_grid_thw)
 
     def embed_multimodal(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """i32[B, L] ids (+ the processor's pixel_values and image_grid_thw) -> f32[B, L, D], images spliced in."""
+        """i32[B, L] ids (+ the processor's pixel_values f32[N, C*T*P*P] and image_grid_thw i32[n, 3], or
+        f32[B, P, C*T*P*P] and i32[B, 3]: one image per row) -> f32[B, L, D], images spliced in."""
         embeds = self.language_model.embed(input_ids)
         if pixel_values is None:
             return embeds
+        pixel_values, image_grid_thw = _flat_vision(pixel_values, image_grid_thw)
         return merge_image_features(embeds, input_ids, self.image_features(pixel_values, image_grid_thw),
                                     self.cfg.image_token_id)
 

@@ -116,9 +116,8 @@ def predict_fewshot(run, paths: list[str], methods: Sequence[str] | None, protoc
 
 def predict_vladva(run, paths: list[str], texts: Sequence[str] | None, batch_size: int | None) -> dict[str, Any]:
     """{'embeddings' f32[N, D] (normalised, as the evaluation compares them), 'texts', 'similarity' f32[N, T]}."""
-    from vlm_jax.convert import llava as llava_convert
-    from vlm_jax.convert import loader
-    from vlm_jax.data import preprocess, tokenize
+    from vlm_jax.convert import auto
+    from vlm_jax.data import lvlm_inputs, tokenize
     from vlm_jax.programs import trained, vladva
     from vlm_jax.runtime import mesh as mesh_lib
     from vlm_jax.runtime.metrics import Progress
@@ -130,11 +129,12 @@ def predict_vladva(run, paths: list[str], texts: Sequence[str] | None, batch_siz
         raise errors.UserError(f"{run.workdir} has no 'vladva' checkpoint (there: {', '.join(t.fits) or 'none'})")
     fit, ckpt = t.fits["vladva"].params, t.checkpoints["model"]
     with trained.version_errors(run):
-        cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
-        tokens = vladva.prompt_tokens(ckpt, config, tokenize.load_tokenizer(ckpt), cfg)
+        tok = tokenize.load_tokenizer(ckpt)
+        inputs = lvlm_inputs.for_checkpoint(ckpt, auto.lvlm_config(ckpt), tok, config.model.get("image_size", 0))
+        tokens = vladva.prompt_tokens(ckpt, config, tok, inputs)
         bs = batch_size or config.data.eval_batch_size
         embed_images, embed_texts = vladva.lvlm_embedders(
-            t.model, t.base, tokens, preprocess.image_settings(ckpt), mesh, bs, fit["lora"],
+            t.model, t.base, tokens, inputs, mesh, bs, fit["lora"],
             dict(alpha=mc.lora_alpha, rank=mc.lora_rank), fit["image_prompt"], fit["text_prompt"])
     progress, chunks = Progress(len(paths), what="predict", every_s=10.0), []
     for i in range(0, len(paths), 8 * bs):   # a few batches at a time, for the progress line

@@ -104,7 +104,7 @@ def predict(run, paths: list[str], dataset: str | None, k: int, batch_size: int 
             split = _split(paths[start:start + 8 * bs], d, task.num_classes)
             _, feats = tsm_lib.tsm_pass(tsm_model, tsm_params, task, split,
                                         lambda idx: vitask._pixels(split.examples, idx, inp.clip_pp), batch=bs)
-            pixels_of = lambda idx: vitask._pixels(split.examples, idx, inp.pp)  # noqa: E731
+            pixels_of = lambda idx: vitask._vision(split.examples, idx, inp.inputs)  # noqa: E731
             answers += lvlm_classify.generate_answers(lm, embed, inp.seqs, inp.tok, split, weights, conn, feats,
                                                       pixels_of, bs, True)
             if not dset.multi_label:   # the likelihood ranking is for single-label datasets, as in the evaluation

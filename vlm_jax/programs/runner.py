@@ -75,12 +75,13 @@ def epoch_batches(n: int, bs: int, seed: Sequence[int], make: Callable[[np.ndarr
 
 
 def load_lvlm(ckpt: str, model_config, mesh):
-    """(model, params) of an LVLM checkpoint, streamed one tensor at a time and each placed by its logical axis
-    names: replicated on the default data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes, so no
-    device ever holds the whole model. `model_config`: the config's `model` block (dtype, param_dtype)."""
-    from vlm_jax.convert import llava as llava_convert
+    """(model, params) of an LVLM checkpoint of any supported family (`convert.auto`: llava, internvl, qwen2_vl),
+    streamed one tensor at a time and each placed by its logical axis names: replicated on the default
+    data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes, so no device ever holds the whole model.
+    `model_config`: the config's `model` block (dtype, param_dtype)."""
+    from vlm_jax.convert import auto
 
-    return llava_convert.from_pretrained(
+    return auto.from_pretrained(
         ckpt, dtype=jnp.dtype(model_config.dtype),
         param_dtype=jnp.dtype(model_config.get("param_dtype") or model_config.dtype), mesh=mesh)
 

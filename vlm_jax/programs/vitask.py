@@ -5,7 +5,7 @@ folders, or on `:runlocal` the built-in photos split into two 5-class "diagnosis
 tower + one linear head over the union of the datasets' labels, softmax masked to each sample's own dataset,
 sigmoid BCE for a multi-label dataset; `methods.tsm`) trained with the generic trainer, its epoch chosen by the
 mean (over datasets) val accuracy of every dataset's val split (`tsm.selection='val'`, the paper's rule) -> frozen
-TSM exemplar features -> LLaVA + LoRA (+ `ExemplarConnector`) trained with `methods.vitask` on batches that mix the datasets,
+TSM exemplar features -> the LVLM (LLaVA, InternVL or Qwen2-VL) + LoRA (+ `ExemplarConnector`) trained with `methods.vitask` on batches that mix the datasets,
 each sample with its own dataset's instruction:
   vanilla baseline: L_van only (its own LoRA; by default as many steps as both VITask stages together,
                     `method.vanilla_epochs`);
@@ -59,11 +59,11 @@ from absl import logging
 
 from vlm_jax import config_utils, errors
 from vlm_jax.convert import clip as clip_convert
-from vlm_jax.convert import llava as llava_convert
+from vlm_jax.convert import auto
 from vlm_jax.convert import loader
 from vlm_jax.convert import vit as vit_convert
 from vlm_jax.data import features as feats
-from vlm_jax.data import chat, medmnist, preprocess, tokenize, vitask_tasks
+from vlm_jax.data import chat, lvlm_inputs, medmnist, preprocess, tokenize, vitask_tasks
 from vlm_jax.eval import lvlm_classify, retrieval
 from vlm_jax.methods import tsm as tsm_lib
 from vlm_jax.methods import vitask
@@ -86,6 +86,11 @@ def _source(example):
 def _pixels(examples, idx, pp) -> np.ndarray:
     """f32[len(idx), H, W, 3]: examples[idx] through the HF image processor settings `pp` (`image_settings`)."""
     return feats.load_all(lambda j: preprocess.preprocess_image(_source(examples[j]), pp), idx)
+
+
+def _vision(examples, idx, inputs: lvlm_inputs.LVLMInputs) -> dict[str, np.ndarray]:
+    """examples[idx]'s vision arrays by HF name through the LVLM family's processor (`data.lvlm_inputs`)."""
+    return inputs.load_batch([_source(examples[j]) for j in idx])
 
 
 def _sha(tree) -> str:
@@ -150,7 +155,7 @@ class Inputs:
     clip_dir: str
     ckpt: str
     tok: Any
-    pp: Any            # the LVLM's image processor settings
+    inputs: lvlm_inputs.LVLMInputs  # the LVLM family's image processor + image token layout
     clip_pp: Any       # the TSM tower's
     seqs: vitask_tasks.Seqs
 
@@ -186,14 +191,15 @@ def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
              [c for d in task.datasets for c in d.classnames] +
              ([medmnist.response([], none=task.no_finding)] if multi else []))
     ckpt = runner.resolve_checkpoint(config.model.checkpoint, "configs/vitask.py", texts)
-    # The LLaVA's prompt format and preprocessing, checked against the config now, not after the TSM has trained.
-    cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
+    # The LVLM's prompt format and preprocessing (any family of `convert.auto`), checked against the config now, not
+    # after the TSM has trained.
+    cfg = auto.lvlm_config(ckpt)
     tok = tokenize.load_tokenizer(ckpt)
-    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, config.model.chat_template, tok), cfg.tokens_per_image,
-                          cfg.image_token_id, chat.image_token(ckpt))
+    inputs = lvlm_inputs.for_checkpoint(ckpt, cfg, tok, config.model.get("image_size", 0))
+    fmt = inputs.chat_format(tok, chat.load_chat_template(ckpt, config.model.chat_template, tok))
     seqs = vitask_tasks.Seqs(fmt, instructions, task.train.responses + [r for rs in label_responses for r in rs])
     return Inputs(task, instructions, label_responses, negatives, clip_dir, ckpt, tok,
-                  preprocess.image_settings(ckpt), preprocess.image_settings(clip_dir), seqs)
+                  inputs, preprocess.image_settings(clip_dir), seqs)
 
 
 TSM_TOWERS = ("vit", "clip")  # model_type of tsm.checkpoint's config.json
@@ -276,10 +282,10 @@ def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, r
     def lvlm_batches(seed, with_neg):
         def make(idx, epoch, i):
             b = {**seqs.rows(train.dataset[idx], [train.responses[j] for j in idx]),
-                 "pixel_values": _pixels(train.examples, idx, inp.pp), "feature": train_feats[idx]}
+                 **_vision(train.examples, idx, inp.inputs), "feature": train_feats[idx]}
             if with_neg:
                 neg = inp.negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
-                b["neg_pixel_values"] = _pixels(train.examples, neg, inp.pp)
+                b.update({"neg_" + k: v for k, v in _vision(train.examples, neg, inp.inputs).items()})
             return b
         return runner.epoch_batches(n, bs, [config.rng_seed, seed], make)
 
@@ -331,7 +337,7 @@ def evaluate(config, inp: Inputs, model, base, connector, trained, test_feats) -
     rank = vitask.make_ranker(lm, connector, model.cfg.image_token_id)
     embed = vitask.make_embedder(lm, connector, model.cfg.image_token_id)
     table = seqs.answer_table(inp.label_responses)
-    pixels_of_test = lambda idx: _pixels(test.examples, idx, inp.pp)  # noqa: E731
+    pixels_of_test = lambda idx: _vision(test.examples, idx, inp.inputs)  # noqa: E731
     single_rows = [i for i in range(len(test)) if not is_ml[test.dataset[i]]]
     for name, p, conn, ep in variants:
         weights = {"base": base, "lora": p["lora"]}
@@ -365,7 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model, base = runner.load_lvlm(inp.ckpt, config.model, mesh)
     width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
-    logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", inp.ckpt, ", ".join(task.names),
+    logging.info("%s %s: %s; %d train / %d test, sequence length %d", inp.inputs.family, inp.ckpt, ", ".join(task.names),
                  len(train), len(test), inp.seqs.length)
     trained, hist, steps = train_lvlm(config, inp, model, base, connector, train_feats, mesh, rng, workdir, writer)
     rows.update(evaluate(config, inp, model, base, connector, trained, test_feats))

@@ -1,6 +1,6 @@
 """Discriminative fine-tuning of an LVLM ("VladVA", arXiv 2412.04378): the LVLM as an image-text embedding model.
 
-Data flow: config -> LLaVA checkpoint + tokenizer -> image-text pairs (JSONL manifest or the built-in photos)
+Data flow: config -> LVLM checkpoint (LLaVA, InternVL or Qwen2-VL: `convert.auto`) + tokenizer -> image-text pairs (JSONL manifest or the built-in photos)
 -> `data.pairs` batches -> `methods.vladva` loss (InfoNCE on short captions + NTP on long ones, soft
 prompts + LoRA, the base frozen) -> the generic trainer -> zero-shot retrieval recall@1/5/10 of the untrained
 LVLM with handcrafted prompts (the E5-V baseline) and of the fine-tuned one -> workdir (results.json,
@@ -20,15 +20,14 @@ import numpy as np
 from absl import logging
 
 from vlm_jax import config_utils, errors
-from vlm_jax.convert import llava as llava_convert
-from vlm_jax.convert import loader
+from vlm_jax.convert import auto
 from vlm_jax.data import captions as captions_lib
-from vlm_jax.data import features as feats
-from vlm_jax.data import chat, pairs, preprocess, tokenize
+from vlm_jax.data import chat, lvlm_inputs, pairs, preprocess, tokenize
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import suite as eval_suite
 from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft
+from vlm_jax.models.llava import vision_inputs
 from vlm_jax.programs import runner
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
@@ -127,7 +126,7 @@ def embedding_fns(model, base, lora=None, lora_kw=None, image_prompt=None, text_
     @jax.jit
     def img_fn(params, batch):
         return disc.image_embedding(model, params, batch["input_ids"], batch["attention_mask"],
-                                    batch["pixel_values"], prompt=image_prompt,
+                                    vision_inputs(batch), prompt=image_prompt,
                                     prompt_start=None if image_prompt is None else batch["prompt_start"])
 
     @jax.jit
@@ -138,13 +137,14 @@ def embedding_fns(model, base, lora=None, lora_kw=None, image_prompt=None, text_
     return (lambda batch: img_fn(params, batch)), (lambda batch: txt_fn(params, batch))
 
 
-def lvlm_embedders(model, base, tokens, pp, mesh, batch_size, lora=None, lora_kw=None, image_prompt=None,
-                   text_prompt=None):
-    """(embed_images(items), embed_texts(captions)) for the evaluation suite; see `embedding_fns`."""
+def lvlm_embedders(model, base, tokens, inputs: lvlm_inputs.LVLMInputs, mesh, batch_size, lora=None, lora_kw=None,
+                   image_prompt=None, text_prompt=None):
+    """(embed_images(items), embed_texts(captions)) for the evaluation suite; see `embedding_fns`. `inputs`: the
+    checkpoint family's vision inputs."""
     img_fn, txt_fn = embedding_fns(model, base, lora, lora_kw, image_prompt, text_prompt)
 
     def embed_images(items):
-        return _batched(img_fn, items, lambda xs: pairs.image_batch(tokens, np.stack([_load(x, pp) for x in xs])),
+        return _batched(img_fn, items, lambda xs: pairs.image_batch(tokens, inputs.load_batch([_source(x) for x in xs])),
                         mesh, batch_size)
 
     def embed_texts(texts):
@@ -201,11 +201,11 @@ def build_suite(dc) -> eval_suite.Suite:
 # ----------------------------------------------------------------------------------------------------------
 # Entry point.
 
-def prompt_tokens(ckpt: str, config, tok, cfg) -> pairs.Tokens:
-    """The run's prompt format from the checkpoint (its chat template unless model.chat_template is set)."""
+def prompt_tokens(ckpt: str, config, tok, inputs: lvlm_inputs.LVLMInputs) -> pairs.Tokens:
+    """The run's prompt format from the checkpoint (its chat template unless model.chat_template is set), the
+    image placeholder expanded to the family's image token run."""
     mc, dc = config.method, config.data
-    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, config.model.chat_template, tok), cfg.tokens_per_image,
-                          cfg.image_token_id, chat.image_token(ckpt))
+    fmt = inputs.chat_format(tok, chat.load_chat_template(ckpt, config.model.chat_template, tok))
     spec = pairs.PromptSpec(image_prompt=mc.image_prompt, text_prompt=mc.text_prompt,
                             short_max_tokens=mc.short_max_tokens, text_len=dc.text_len, long_len=dc.long_len)
     return pairs.Tokens(fmt, spec)
@@ -298,10 +298,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt, clip_ckpt = resolve_checkpoints(config, data)
 
     # Everything the config and the checkpoint must agree on, before the workdir gets anything.
-    cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
+    cfg = auto.lvlm_config(ckpt)
     tok = tokenize.load_tokenizer(ckpt)
-    pp = preprocess.image_settings(ckpt)
-    tokens = prompt_tokens(ckpt, config, tok, cfg)
+    inputs = lvlm_inputs.for_checkpoint(ckpt, cfg, tok, config.model.get("image_size", 0))
+    tokens = prompt_tokens(ckpt, config, tok, inputs)
     split = [pairs.split_captions(tokens, (s, l)) for _, s, l in train_pairs]
     long_len = check_lengths(tokens, dc, [l for _, l in split if l])
     tokens = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=long_len))
@@ -317,15 +317,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     # Sharded by logical axes as it streams in (`runner.load_lvlm`); the trainer keeps this layout.
     model, base = runner.load_lvlm(ckpt, config.model, mesh)
-    logging.info("LLaVA %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
-                 ckpt, n, cfg.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
+    logging.info("%s %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
+                 inputs.family, ckpt, n, inputs.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
 
     rows: dict[str, dict[str, float]] = {}
     if clip_ckpt:
         rows["CLIP"] = eval_suite.evaluate(suite, *clip_embedders(clip_ckpt, mesh, dc.eval_batch_size))
     # The E5-V baseline: the untrained LVLM with the handcrafted prompts.
     rows["LVLM + handcrafted prompts (E5-V style)"] = eval_suite.evaluate(
-        suite, *lvlm_embedders(model, base, tokens, pp, mesh, dc.eval_batch_size))
+        suite, *lvlm_embedders(model, base, tokens, inputs, mesh, dc.eval_batch_size))
 
     rng = jax.random.key(config.rng_seed)
     params = initial_params(base, tokens, mc, rng)
@@ -333,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 ntp_weight=mc.ntp_weight, grad_cache_chunks=k)
 
     def make_batch(idx, epoch, i):
-        images = feats.load_all(lambda j: _load(train_pairs[j][0], pp), idx)
+        images = inputs.load_batch([_source(train_pairs[j][0]) for j in idx])
         return pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
     epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch)
 
@@ -346,7 +346,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.close()
     trained = fit.best_params
     rows["VladVA (soft prompts + LoRA)"] = eval_suite.evaluate(suite, *lvlm_embedders(
-        model, base, tokens, pp, mesh, dc.eval_batch_size, trained["lora"],
+        model, base, tokens, inputs, mesh, dc.eval_batch_size, trained["lora"],
         dict(alpha=mc.lora_alpha, rank=mc.lora_rank), trained["image_prompt"], trained["text_prompt"]))
 
     present = set().union(*(r.keys() for r in rows.values()))
