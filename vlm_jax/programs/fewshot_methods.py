@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from vlm_jax.data import features as feats
+from vlm_jax.data import pipeline
 from vlm_jax.eval import classification
 from vlm_jax.methods import dualadapter
 from vlm_jax.methods import fewshot_registry as registry
@@ -58,17 +59,13 @@ def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logit
     # The reference keeps the last, smaller batch (drop_last=False); we keep it too when the mesh can split it.
     sizes = [bs] * (n // bs) + ([n % bs // div * div] if n % bs >= div else [])
     labels = np.array([e.label for e in few], np.int32)
-    current = {"epoch": -1}  # the trainer asks for each epoch's batches (also after a resume), then evaluates it
+    current = {"epoch": -1}  # the epoch whose batches were built last: all of an epoch's before its evaluation
 
-    def epoch_batches(epoch):
+    def make(idx, epoch, i):
         current["epoch"] = epoch
-        order = np.random.default_rng([seed, 7919, epoch]).permutation(n)
-        start = 0
-        for size in sizes:
-            idx = order[start:start + size]
-            start += size
-            items = [(few[i], (seed, 100_000 + epoch, int(i))) for i in idx]
-            yield {"images": feats.load_all(bb.augment_transform, items), "labels": labels[idx]}
+        items = [(few[j], (seed, 100_000 + epoch, int(j))) for j in idx]
+        return {"images": feats.load_all(bb.augment_transform, items), "labels": labels[idx]}
+    epoch_batches = pipeline.EpochBatches(n, tuple(sizes), (seed, 7919), make, mesh=bb.mesh)
 
     encode = bb.model.encode_image
 

@@ -10,13 +10,14 @@ table printed once).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import errors
+from vlm_jax.data import pipeline
 from vlm_jax.eval import report
 from vlm_jax.runtime import cache, hub
 from vlm_jax.runtime import mesh as mesh_lib
@@ -63,15 +64,13 @@ def accum_steps(section: Mapping[str, Any], bs: int, mesh, key: str) -> int:
     return k
 
 
-def epoch_batches(n: int, bs: int, seed: Sequence[int], make: Callable[[np.ndarray, int, int], Any]
-                  ) -> Callable[[int], Iterator[Any]]:
-    """The trainer's `epoch_batches`: each epoch a fresh permutation of the n rows (a pure function of
-    (seed, epoch), so a resumed run sees the same batches), cut into n // bs full batches `make(idx, epoch, i)`."""
-    def batches(epoch: int):
-        order = np.random.default_rng([*seed, epoch]).permutation(n)
-        for i in range(n // bs):
-            yield make(order[i * bs:(i + 1) * bs], epoch, i)
-    return batches
+def epoch_batches(n: int, bs: int, seed: Sequence[int], make: Callable[[np.ndarray, int, int], Any], *,
+                  mesh=None, rowwise: bool = True) -> pipeline.EpochBatches:
+    """The trainer's `epoch_batches` (`data.pipeline`): each epoch a fresh permutation of the n rows (a pure
+    function of (seed, epoch), so a resumed run sees the same batches), cut into n // bs full batches
+    `make(idx, epoch, i)`, built ahead of the step in grain's threads and placed on the mesh ahead. With `mesh`
+    and several processes each host builds only its rows (`rowwise`: `make` must then be row-wise)."""
+    return pipeline.epoch_batches(n, bs, seed, make, mesh=mesh, rowwise=rowwise)
 
 
 def load_lvlm(ckpt: str, model_config, mesh):

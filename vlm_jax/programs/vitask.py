@@ -243,11 +243,12 @@ def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
             b["multi_label"] = task.multi_label[ds]
         return b
 
+    batches = runner.epoch_batches(n, bs, [config.rng_seed, 1], tsm_batch, mesh=mesh)
     tsm_eval = (make_tsm_eval(tsm_model, tsm_params, task, lambda idx: _pixels(task.val.examples, idx, inp.clip_pp))
                 if sc.selection == "val" else None)
     fit = trainer.fit(loss_fn=tsm_lib.make_loss_fn(tsm_model), params=tsm_params,
                       param_groups=list(tsm_lib.PARAM_GROUPS), optim=sc.optim.to_dict(), num_epochs=sc.epochs,
-                      steps_per_epoch=n // bs, epoch_batches=runner.epoch_batches(n, bs, [config.rng_seed, 1], tsm_batch),
+                      steps_per_epoch=n // bs, epoch_batches=batches,
                       mesh=mesh, rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm",
                       log_every_s=10.0, checkpoint_every_steps=sc.get("checkpoint_every_steps", 0),
                       accum_steps=runner.accum_steps(sc, bs, mesh, "tsm"), eval_fn=tsm_eval, select="accuracy")
@@ -281,7 +282,8 @@ def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, r
                 neg = inp.negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
                 b["neg_pixel_values"] = _pixels(train.examples, neg, inp.pp)
             return b
-        return runner.epoch_batches(n, bs, [config.rng_seed, seed], make)
+        # The negatives of a batch are drawn together (`Negatives.sample`): every host builds the whole batch.
+        return runner.epoch_batches(n, bs, [config.rng_seed, seed], make, mesh=mesh, rowwise=not with_neg)
 
     def fit_lvlm(name, params, groups, stage, epochs, seed, lr_scale=1.0):
         loss_fn = vitask.make_loss_fn(forward, stage=stage, pad_id=seqs.pad, alpha=mc.alpha, beta=mc.beta,

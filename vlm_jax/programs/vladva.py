@@ -320,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def make_batch(idx, epoch, i):
         images = feats.load_all(lambda j: _load(train_pairs[j][0], pp), idx)
         return pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
-    epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch)
+    epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch, mesh=mesh)
 
     writer = MetricWriter(workdir)
     fit = trainer.fit(loss_fn=loss_fn, params=params, param_groups=[tuple(g) for g in tc.param_groups],

@@ -10,12 +10,13 @@ The trainer knows no method by name. A method hands it
 from __future__ import annotations
 
 import contextlib
+import itertools
 import dataclasses
 import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -28,6 +29,7 @@ from absl import logging
 from flax import traverse_util
 
 from vlm_jax import errors
+from vlm_jax.data import pipeline
 from vlm_jax.train import checkpoints as ckpt_lib
 from vlm_jax.runtime import distributed
 from vlm_jax.runtime import mesh as mesh_lib
@@ -317,8 +319,10 @@ def fit(
         laid out on `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do
         their optimizer moments; everything else is replicated.
       epoch_batches: epoch index -> exactly `steps_per_epoch` host batches (numpy, the global batch, the same on
-        every process). The epoch's data being a pure function of its index lets a resumed run see the same data:
-        the position (epoch, batch) comes from the checkpointed step; a mid-epoch resume skips the first batches.
+        every process), best a `data.pipeline.EpochBatches` (grain: built ahead in threads, placed on the
+        devices ahead, only this host's rows). The epoch's data being a pure function of its index lets a resumed
+        run see the same data: the position (epoch, batch) comes from the checkpointed step and is the iterator's
+        whole state; a mid-epoch resume opens the epoch at that batch.
       eval_fn: trainable params -> metrics; `select` names the one to maximise (the best epoch is kept).
       workdir: if set, orbax checkpoints (async; visible only once complete) go to workdir/checkpoints/<name> after
         each epoch, every `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM (then `Preempted` is
@@ -347,9 +351,9 @@ def fit(
 
         start_epoch, skip = divmod(run.step, steps_per_epoch)
         for epoch in range(start_epoch, num_epochs):
-            step_fn = lambda st, batch: train_step(st, frozen, mesh_lib.shard_batch(batch, mesh))  # noqa: E731
-            state, n = run.epoch(state, epoch_batches(epoch), skip, step_fn, progress, preempted,
-                                 checkpoint_every_steps)
+            step_fn = lambda st, batch: train_step(st, frozen, batch)  # noqa: E731
+            state, n = run.epoch(state, _placed_batches(epoch_batches, epoch, skip, mesh), skip, step_fn, progress,
+                                 preempted, checkpoint_every_steps)
             if n != steps_per_epoch:
                 raise ValueError(f"{name}: epoch {epoch} produced {n} batches, expected steps_per_epoch="
                                  f"{steps_per_epoch}")
@@ -365,6 +369,16 @@ def fit(
     best_metrics = next((r for r in run.history if r["epoch"] == int(best["epoch"])), {})
     return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
                      best_metrics=best_metrics, history=run.history)
+
+
+def _placed_batches(epoch_batches, epoch: int, skip: int, mesh) -> Iterator[Any]:
+    """The epoch's batches from batch `skip` on (a mid-epoch resume: the first ones are in the restored state),
+    on the mesh. A `data.pipeline.EpochBatches` opens the epoch at `skip` without building the batches before
+    it, and builds and places the next ones ahead of the step; a plain callable's batches are built and dropped
+    up to `skip`, then each is built and placed when its step comes (nothing ahead)."""
+    if isinstance(epoch_batches, pipeline.EpochBatches):
+        return epoch_batches.device_iterator(epoch, skip, mesh)
+    return (mesh_lib.shard_batch(b, mesh) for b in itertools.islice(epoch_batches(epoch), skip, None))
 
 
 def _initial_state(params, param_groups, optim, total_steps: int, mesh):
@@ -462,10 +476,8 @@ class _Run:
 
     def epoch(self, state, batches, skip: int, step_fn, progress, preempted, checkpoint_every_steps: int):
         """One epoch's steps from batch `skip` on (a mid-epoch resume); returns (state, batches seen in the epoch)."""
-        n = skip
-        for b, batch in enumerate(batches):
-            if b < skip:
-                continue   # a mid-epoch resume: these batches are in the restored state already
+        n = skip   # `batches` starts at batch `skip` (`_placed_batches`)
+        for batch in batches:
             state, metrics = step_fn(state, batch)
             self.step, n = self.step + 1, n + 1
             self.accumulate(metrics)  # on the device: nothing is fetched per step
