@@ -73,15 +73,22 @@ def epoch_batches(n: int, bs: int, seed: Sequence[int], make: Callable[[np.ndarr
     return pipeline.epoch_batches(n, bs, seed, make, mesh=mesh, rowwise=rowwise)
 
 
-def load_lvlm(ckpt: str, model_config, mesh):
+def make_mesh(config) -> tuple[Any, tuple[tuple[str, Any], ...]]:
+    """(mesh, logical-axis rules) of a config: `config.mesh` (axis sizes) and `config.mesh_rules` (pairs that
+    replace entries of `mesh.DEFAULT_RULES`), both checked here, before any work."""
+    return mesh_lib.make_mesh(config.mesh.to_dict()), mesh_lib.rules_from_config(config.get("mesh_rules"))
+
+
+def load_lvlm(ckpt: str, model_config, mesh, rules=None):
     """(model, params) of an LVLM checkpoint, streamed one tensor at a time and each placed by its logical axis
-    names: replicated on the default data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes, so no
-    device ever holds the whole model. `model_config`: the config's `model` block (dtype, param_dtype)."""
+    names and `rules` (`make_mesh`; None: the defaults): replicated on the default data-parallel mesh, sharded
+    when the mesh has 'fsdp' / 'tensor' axes, so no device ever holds the whole model. `model_config`: the
+    config's `model` block (dtype, param_dtype)."""
     from vlm_jax.convert import llava as llava_convert
 
     return llava_convert.from_pretrained(
         ckpt, dtype=jnp.dtype(model_config.dtype),
-        param_dtype=jnp.dtype(model_config.get("param_dtype") or model_config.dtype), mesh=mesh)
+        param_dtype=jnp.dtype(model_config.get("param_dtype") or model_config.dtype), mesh=mesh, rules=rules)
 
 
 def write_results(workdir: str, md: str, out: dict[str, Any]) -> dict[str, Any]:

@@ -355,7 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mc, inp = config.method, check_inputs(config)
     task, train, test = inp.task, inp.task.train, inp.task.test
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    mesh, rules = runner.make_mesh(config)   # config.mesh, config.mesh_rules
     writer = MetricWriter(workdir)
     rng = jax.random.key(config.rng_seed)
     for key, c in (("tsm", config.tsm), ("train", config.train)):   # fail before any training, not between stages
@@ -364,7 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tsm_pred, train_feats, test_feats, tsm_fit = train_tsm(config, inp, mesh, rng, workdir, writer)
     rows = {"TSM": vitask_tasks.split_metrics(task, test, tsm_pred)}
     logging.info("TSM: %s", rows["TSM"])
-    model, base = runner.load_lvlm(inp.ckpt, config.model, mesh)
+    model, base = runner.load_lvlm(inp.ckpt, config.model, mesh, rules)
     width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
     logging.info("LLaVA %s: %s; %d train / %d test, sequence length %d", inp.ckpt, ", ".join(task.names),

@@ -31,6 +31,7 @@ from flax import traverse_util
 from vlm_jax import errors
 from vlm_jax.data import pipeline
 from vlm_jax.train import checkpoints as ckpt_lib
+from vlm_jax.train.evaluators import Evaluator
 from vlm_jax.runtime import distributed
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.runtime.metrics import MetricWriter, Progress
@@ -286,6 +287,7 @@ class FitResult:
     best_epoch: int
     best_metrics: dict[str, float]
     history: list[dict[str, float]]
+    evals: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)  # name -> [{step, ...}]
 
 
 def fit(
@@ -309,6 +311,7 @@ def fit(
     accum_steps: int = 1,
     max_to_keep: int = 2,
     handle_sigterm: bool = True,
+    evals: Sequence[Evaluator] = (),
 ) -> FitResult:
     """Trains for `num_epochs`, evaluating after each epoch and keeping the best epoch's parameters.
 
@@ -324,6 +327,9 @@ def fit(
         run see the same data: the position (epoch, batch) comes from the checkpointed step and is the iterator's
         whole state; a mid-epoch resume opens the epoch at that batch.
       eval_fn: trainable params -> metrics; `select` names the one to maximise (the best epoch is kept).
+      evals: evaluators run every `every_steps` steps and after the last step, their metrics written to
+        `writer` as `<name>/<evaluator name>/<metric>` (a resumed run's `FitResult.evals` holds only the
+        evaluations it ran itself); they select nothing (`eval_fn` keeps the best epoch).
       workdir: if set, orbax checkpoints (async; visible only once complete) go to workdir/checkpoints/<name> after
         each epoch, every `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM (then `Preempted` is
         raised). A run restarted with the same workdir resumes from the latest one.
@@ -335,7 +341,7 @@ def fit(
     """
     total_steps = num_epochs * steps_per_epoch
     tx, state, frozen, shardings = _initial_state(params, param_groups, optim, total_steps, mesh)
-    run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
+    run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep), evals, writer)
     if run.ckpt is not None:
         state = run.restore(state, eval_fn is not None)
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
@@ -361,6 +367,7 @@ def fit(
             run.end_epoch(state, epoch, n, eval_fn, select, writer)
             if epoch + 1 < num_epochs and preempted():
                 run.stop(Preempted(run.step, run.ckpt.manager.directory))
+        run.evaluate(state, final=True)
         run.finish()
     progress.update(run.step, force=True)
     best = run.best
@@ -368,7 +375,7 @@ def fit(
         best = {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
     best_metrics = next((r for r in run.history if r["epoch"] == int(best["epoch"])), {})
     return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
-                     best_metrics=best_metrics, history=run.history)
+                     best_metrics=best_metrics, history=run.history, evals=run.evals_log)
 
 
 def _placed_batches(epoch_batches, epoch: int, skip: int, mesh) -> Iterator[Any]:
@@ -430,8 +437,11 @@ class _Checkpoints:
 class _Run:
     """The epoch loop's bookkeeping: step, epoch sums (on the device), best epoch, history, checkpoints."""
 
-    def __init__(self, name: str, steps_per_epoch: int, mesh, ckpt: _Checkpoints | None):
+    def __init__(self, name: str, steps_per_epoch: int, mesh, ckpt: _Checkpoints | None,
+                 evals: Sequence[Evaluator] = (), writer: MetricWriter | None = None):
         self.name, self.steps_per_epoch, self.mesh, self.ckpt = name, steps_per_epoch, mesh, ckpt
+        self.evals, self.writer = tuple(evals), writer
+        self.evals_log: dict[str, list[dict[str, float]]] = {ev.name: [] for ev in self.evals}
         self.step = 0
         self.best = {"params": None, "metric": -np.inf, "epoch": -1}
         self.history: list[dict[str, float]] = []
@@ -481,6 +491,7 @@ class _Run:
             state, metrics = step_fn(state, batch)
             self.step, n = self.step + 1, n + 1
             self.accumulate(metrics)  # on the device: nothing is fetched per step
+            self.evaluate(state)
             if progress.due(self.step):
                 self.check(state)
                 progress.update(self.step, {"loss": jax.device_get(metrics["loss"])})
@@ -491,6 +502,19 @@ class _Run:
             if checkpoint_every_steps and self.step % checkpoint_every_steps == 0 and not end_of_epoch:
                 self.save(state)
         return state, n
+
+    def evaluate(self, state, final: bool = False) -> None:
+        """Runs the evaluators due at this step (all of them when `final`), each at most once per step."""
+        for ev in self.evals:
+            log = self.evals_log[ev.name]
+            due = final or (ev.every_steps > 0 and self.step % ev.every_steps == 0)
+            if not due or (log and log[-1]["step"] == self.step):
+                continue
+            self.check(state)   # a diverged state is reported, not evaluated
+            metrics = {k: float(v) for k, v in ev.fn(state.params).items()}
+            log.append({"step": self.step, **metrics})
+            if self.writer is not None:
+                self.writer.write(self.step, metrics, prefix=f"{self.name}/{ev.name}/")
 
     def end_epoch(self, state, epoch: int, n: int, eval_fn, select: str, writer) -> None:
         """The epoch's row (mean train metrics, val metrics), the best epoch, the epoch-end checkpoint."""
