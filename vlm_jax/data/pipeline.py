@@ -74,8 +74,9 @@ class EpochBatches:
         return grain.MapDataset.range(len(self.sizes)).map(build)
 
     def __call__(self, epoch: int) -> Iterator[Any]:
-        """Host batches of the epoch, in order (the trainer's plain `epoch_batches` contract)."""
-        return iter(self.dataset(epoch))
+        """Host batches of the epoch, in order, each built when asked for (the plain `epoch_batches` contract)."""
+        ds = self.dataset(epoch)
+        return (ds[i] for i in range(len(ds)))
 
     def device_iterator(self, epoch: int, start: int, mesh) -> Iterator[Any]:
         """Batches `start`, `start` + 1, ... of the epoch, built in grain's read threads and placed on `mesh`
