@@ -478,6 +478,8 @@ class _Run:
         self.check(state)   # nothing of a diverged step is ever saved
         if self.ckpt is None:
             return
+        # (epoch, batch) is the input pipeline's whole state: an epoch's batches are a pure function of its index
+        # (`data.pipeline.EpochBatches` reopens the epoch at `batch`), so nothing else of the iterator is saved.
         epoch, batch = divmod(self.step, self.steps_per_epoch)
         meta = {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
                 "sums": self.host_sums() if epoch_sums is None else epoch_sums, "history": self.history,
