@@ -10,8 +10,8 @@ The trainer knows no method by name. A method hands it
 from __future__ import annotations
 
 import contextlib
-import itertools
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -29,7 +29,6 @@ from absl import logging
 from flax import traverse_util
 
 from vlm_jax import errors
-from vlm_jax.data import pipeline
 from vlm_jax.train import checkpoints as ckpt_lib
 from vlm_jax.train.evaluators import Evaluator
 from vlm_jax.runtime import distributed
@@ -321,15 +320,12 @@ def fit(
         (master weights; bf16 / fp16 leaves are upcast) while frozen leaves keep their dtype. Leaves already
         laid out on `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do
         their optimizer moments; everything else is replicated.
-      epoch_batches: epoch index -> exactly `steps_per_epoch` host batches (numpy, the global batch, the same on
-        every process), best a `data.pipeline.EpochBatches` (grain: built ahead in threads, placed on the
-        devices ahead, only this host's rows). The epoch's data being a pure function of its index lets a resumed
-        run see the same data: the position (epoch, batch) comes from the checkpointed step and is the iterator's
-        whole state; a mid-epoch resume opens the epoch at that batch.
+      epoch_batches: epoch index -> exactly `steps_per_epoch` host batches (the global batch), best a
+        `data.pipeline.EpochBatches` (`_placed_batches`). The epoch's data being a pure function of its index, the
+        checkpointed (epoch, batch) is the whole data position: a resumed run reopens the epoch at that batch.
       eval_fn: trainable params -> metrics; `select` names the one to maximise (the best epoch is kept).
-      evals: evaluators run every `every_steps` steps and after the last step, their metrics written to
-        `writer` as `<name>/<evaluator name>/<metric>` (a resumed run's `FitResult.evals` holds only the
-        evaluations it ran itself); they select nothing (`eval_fn` keeps the best epoch).
+      evals: run every `every_steps` steps and after the last, written as `<name>/<evaluator>/<metric>` (a resumed
+        run's `FitResult.evals` holds the evaluations it ran itself); they select nothing (`eval_fn` does).
       workdir: if set, orbax checkpoints (async; visible only once complete) go to workdir/checkpoints/<name> after
         each epoch, every `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM (then `Preempted` is
         raised). A run restarted with the same workdir resumes from the latest one.
@@ -370,20 +366,16 @@ def fit(
         run.evaluate(state, final=True)
         run.finish()
     progress.update(run.step, force=True)
-    best = run.best
-    if eval_fn is None:
-        best = {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
-    best_metrics = next((r for r in run.history if r["epoch"] == int(best["epoch"])), {})
-    return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
-                     best_metrics=best_metrics, history=run.history, evals=run.evals_log)
+    return run.result(state, eval_fn is not None, num_epochs)
 
 
 def _placed_batches(epoch_batches, epoch: int, skip: int, mesh) -> Iterator[Any]:
     """The epoch's batches from batch `skip` on (a mid-epoch resume: the first ones are in the restored state),
-    on the mesh. A `data.pipeline.EpochBatches` opens the epoch at `skip` without building the batches before
-    it, and builds and places the next ones ahead of the step; a plain callable's batches are built and dropped
-    up to `skip`, then each is built and placed when its step comes (nothing ahead)."""
-    if isinstance(epoch_batches, pipeline.EpochBatches):
+    on the mesh. An `epoch_batches` with `device_iterator(epoch, start, mesh)` (`data.pipeline.EpochBatches`;
+    duck-typed: train/ does not import data/) opens the epoch at `skip` without building the batches before it,
+    and builds and places the next ones ahead of the step; a plain callable's batches are built and dropped up
+    to `skip`, then each is built and placed when its step comes (nothing ahead)."""
+    if hasattr(epoch_batches, "device_iterator"):
         return epoch_batches.device_iterator(epoch, skip, mesh)
     return (mesh_lib.shard_batch(b, mesh) for b in itertools.islice(epoch_batches(epoch), skip, None))
 
@@ -504,6 +496,13 @@ class _Run:
             if checkpoint_every_steps and self.step % checkpoint_every_steps == 0 and not end_of_epoch:
                 self.save(state)
         return state, n
+
+    def result(self, state, selected: bool, num_epochs: int) -> FitResult:
+        """The fit's result: the best epoch's parameters (`selected`: by eval_fn), else the last epoch's."""
+        best = self.best if selected else {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
+        best_metrics = next((r for r in self.history if r["epoch"] == int(best["epoch"])), {})
+        return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
+                         best_metrics=best_metrics, history=self.history, evals=self.evals_log)
 
     def evaluate(self, state, final: bool = False) -> None:
         """Runs the evaluators due at this step (all of them when `final`), each at most once per step."""
