@@ -60,8 +60,8 @@ def _finetune(tmp_path, evals, **kw):
     writer = MetricWriter(str(tmp_path), tensorboard=False)
     fit = fewshot_methods.finetune(
         bb, few, tc, name="probe", adapter={"w": jnp.zeros((4, 3))}, consts={"scale": jnp.ones(())},
-        method_loss=loss, eval_logits=lambda a, f, scale: scale * f @ a["w"], seed=1, workdir=None, writer=writer, rng=jax.random.key(0),
-        evals=evals, tests={"test": (_split(20, 2), None)}, **kw)
+        method_loss=loss, eval_logits=lambda a, f, scale: scale * f @ a["w"], seed=1, workdir=None, writer=writer,
+        rng=jax.random.key(0), evals=evals, tests={"test": (_split(20, 2), None)}, **kw)
     writer.close()
     return fit
 
