@@ -14,6 +14,7 @@ and `device_iterator` places each batch on the mesh (`mesh.shard_batch`) a few b
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -44,7 +45,7 @@ class EpochBatches:
       mesh: where the batches go; with several processes only this host's rows are built.
       rowwise: `make` of a subset of the rows gives those rows of the whole batch (required for per-host rows;
         False builds the whole global batch on every host).
-      read_threads: grain's threads that build batches ahead of the step (1: in order, one at a time).
+      read_threads: grain's threads that build batches ahead of the step (1: one batch at a time).
       device_ahead: batches placed on the devices ahead of the step.
     """
     n: int
@@ -113,8 +114,6 @@ def prefetch_to_device(batches: Iterator[Any], mesh, ahead: int = 2) -> Iterator
 
     The transfer is asynchronous: placing batch t + 1 while step t runs hides the host-to-device copy.
     """
-    import collections
-
     queue: collections.deque = collections.deque()
     for batch in batches:
         queue.append(mesh_lib.shard_batch(batch, mesh))
