@@ -109,6 +109,12 @@ def get_config(arg=None):
     c.sweep = dict(enabled=arg.sweep, shots=(1, 2, 4, 8, 16), seeds=(1, 2, 3))  # --config.sweep.shots="(1,4)"
     c.feature_cache_dir = os.path.join(cache.cache_root(), "features")  # $VLM_JAX_CACHE/features
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # (logical axis, mesh axis or None) pairs that replace those entries of runtime/mesh.DEFAULT_RULES.
+    c.mesh_rules = ()
+    # Evaluators of the fine-tuned methods (big_vision's config.evals): name -> {type, every_steps}, type
+    # 'selection' (the accuracy the epoch is chosen on, today's per-epoch val) or 'test'; run every_steps steps
+    # and after the last, written as <fit>/<name>/accuracy. Empty: the per-epoch selection only.
+    c.evals = {}
     c.train = dict(resume="check")   # 'force': resume a workdir whose config.json differs (runtime/workdir.py)
     c.rng_seed = 0
 

@@ -78,6 +78,9 @@ def get_config(arg=None):
                    accum_steps=1, checkpoint_every_steps=200,
                    resume="check")   # 'force': resume a workdir whose config.json differs (see train/workdir.py)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # (logical axis, mesh axis or None) pairs that replace those entries of runtime/mesh.DEFAULT_RULES, e.g.
+    # (("mlp", None),) to keep the MLPs whole on a tensor-parallel mesh.
+    c.mesh_rules = ()
 
     if arg.runlocal:
         # llava-1.5-7b-hf's structure (576 image tokens) at tiny widths, random weights with selective attention

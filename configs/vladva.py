@@ -67,6 +67,13 @@ def get_config(arg=None):
                    checkpoint_every_steps=200,   # plus every epoch end and on SIGTERM
                    resume="check")   # 'force': resume a workdir whose config.json differs (see train/workdir.py)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # (logical axis, mesh axis or None) pairs that replace those entries of runtime/mesh.DEFAULT_RULES, e.g.
+    # (("mlp", None),) to keep the MLPs whole on a tensor-parallel mesh.
+    c.mesh_rules = ()
+    # Evaluators during training (big_vision's config.evals): name -> {type, every_steps}; type 'suite' (the
+    # zero-shot suite of the results table, on the model being trained), run every_steps steps and after the
+    # last, written as vladva/<name>/<metric>. Empty: the suite runs once, after training (the table).
+    c.evals = {}
 
     if arg.runlocal:
         c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths

@@ -1,14 +1,15 @@
 """A child process for tests/test_fault_tolerance.py: a small MLP with dropout trained by `trainer.fit`.
 
   python tests/ft_child.py WORKDIR OUT.npz [--kill-at STEP] [--term-at STEP] [--nan-at STEP] [--every N]
-                           [--keep K] [--hidden H]
+                           [--keep K] [--hidden H] [--grain]
 
 --kill-at / --term-at send SIGKILL / SIGTERM to this process when the batch after STEP is requested (for
 --kill-at the async save of STEP has just been issued, so the kill usually lands mid-save); --nan-at poisons
 that step's batch; --keep is the number of checkpoints kept; --hidden the MLP's width (the default 256 makes
 tensorstore write the arrays to data files, where a flipped byte goes unnoticed, not inline in its index).
-The final trainable params go to OUT.npz. A UserError (a damaged workdir, a full disk) is one `error:` line and
-exit code 2, as launch/main.py reports it.
+--grain feeds the same batches through `data.pipeline.EpochBatches` (built ahead in grain's threads, so a signal
+sent while building batch STEP lands a few steps earlier). The final trainable params go to OUT.npz. A UserError
+(a damaged workdir, a full disk) is one `error:` line and exit code 2, as launch/main.py reports it.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from vlm_jax import errors  # noqa: E402
+from vlm_jax.data import pipeline  # noqa: E402
 from vlm_jax.runtime import mesh as mesh_lib  # noqa: E402
 from vlm_jax.train import trainer  # noqa: E402
 
@@ -49,6 +51,7 @@ def main():
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--grain", action="store_true")
     ap.add_argument("--keep", type=int, default=2)
     a = ap.parse_args()
     logging.set_verbosity(logging.INFO)   # the test reads the 'resumed from' line
@@ -57,19 +60,24 @@ def main():
     x = rng.normal(size=(N, 4)).astype(np.float32)
     y = np.sin(x @ np.array([1.0, -2.0, 0.5, 0.3], np.float32)).astype(np.float32)
 
+    def make(idx, epoch, b):
+        step = epoch * STEPS + b          # the step this batch will produce is step + 1
+        if step == a.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == a.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        xb = x[idx].copy()
+        if step + 1 == a.nan_at:
+            xb[0, 0] = np.nan
+        return {"x": xb, "y": y[idx]}
+
     def epoch_batches(epoch):
         order = np.random.default_rng(epoch).permutation(N)
         for b in range(STEPS):
-            step = epoch * STEPS + b          # the step this batch will produce is step + 1
-            if step == a.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step == a.term_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            idx = order[b * BATCH:(b + 1) * BATCH]
-            xb = x[idx].copy()
-            if step + 1 == a.nan_at:
-                xb[0, 0] = np.nan
-            yield {"x": xb, "y": y[idx]}
+            yield make(order[b * BATCH:(b + 1) * BATCH], epoch, b)
+
+    if a.grain:   # default_rng([epoch]) is default_rng(epoch): the same order
+        epoch_batches = pipeline.EpochBatches(N, (BATCH,) * STEPS, (), make, read_threads=2)  # noqa: F811
 
     params = {"mlp": {"w1": jnp.asarray(rng.normal(size=(4, a.hidden)) * 0.5, jnp.float32),
                       "w2": jnp.zeros((a.hidden, 1), jnp.float32)},

@@ -45,3 +45,36 @@ def test_sharded_init_and_forward_on_8_devices():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_config_mesh_rule_changes_a_params_sharding():
+    """config.mesh_rules reaches the programs' placement (`runner.make_mesh` -> `stream.shardings_for`, which
+    `load_lvlm` and the few-shot Backbone use): a rule moves a parameter's sharding; a bad rule is one line."""
+    import jax
+    import pytest
+
+    from configs import dualadapter as da_config
+    from vlm_jax import errors
+    from vlm_jax.convert import stream
+    from vlm_jax.models import clip
+    from vlm_jax.programs import runner
+
+    tower = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5)
+    model = clip.CLIP(clip.VisionConfig(**tower, image_size=16, patch_size=8),
+                      clip.TextConfig(**tower, vocab_size=64, max_position_embeddings=8, eos_token_id=2), 8)
+    config = da_config.get_config("runlocal")
+
+    def q_spec():
+        mesh, rules = runner.make_mesh(config)
+        tree = stream.shardings_for(model, mesh, rules)
+        return tree["vision_model"]["encoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"].spec
+    P = jax.sharding.PartitionSpec
+    assert q_spec() == P("fsdp", "tensor", None)              # DEFAULT_RULES: ('embed', 'heads', 'kv')
+    config.mesh_rules = (("heads", None), ("embed", ("fsdp", "tensor")))
+    assert q_spec() == P(("fsdp", "tensor"), None, None)
+    for rules, match in (((("hedas", None),), "unknown logical axis 'hedas'"),
+                         ((("heads", "model"),), "unknown mesh axis 'model'"), (("heads",), "pair")):
+        config.mesh_rules = rules
+        with pytest.raises(errors.UserError, match=match):
+            runner.make_mesh(config)

@@ -22,16 +22,16 @@ import numpy as np
 from absl import logging
 
 from vlm_jax import config_utils, errors
-from vlm_jax.convert import dual_encoder
+from vlm_jax.convert import dual_encoder, stream
 from vlm_jax.data import datasets_meta as meta
 from vlm_jax.data import features as feats
 from vlm_jax.data import fewshot, preprocess
 from vlm_jax.eval import report
 from vlm_jax.methods import fewshot_registry
 from vlm_jax.programs import fewshot_methods, fewshot_realistic, runner
-from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.runtime import workdir as workdir_lib
 from vlm_jax.runtime.metrics import MetricWriter
+from vlm_jax.train import evaluators
 
 # config.protocol -> the protocols it runs (see configs/dualadapter.py and `fewshot_realistic`).
 PROTOCOLS = {"paper": ("paper",), "realistic": ("realistic",), "both": ("paper", "realistic")}
@@ -86,8 +86,8 @@ class Backbone:
     Weights and tokenizer load on first use: a rerun whose features are all cached never reads them.
     """
 
-    def __init__(self, checkpoint_dir: str, dtype: str, mesh: jax.sharding.Mesh):
-        self.dir, self.dtype, self.mesh = checkpoint_dir, jnp.dtype(dtype), mesh
+    def __init__(self, checkpoint_dir: str, dtype: str, mesh: jax.sharding.Mesh, rules=None):
+        self.dir, self.dtype, self.mesh, self.rules = checkpoint_dir, jnp.dtype(dtype), mesh, rules
         self.enc = dual_encoder.load_dual_encoder(checkpoint_dir, self.dtype)
         self.pp = self.enc.image_settings
         self.fingerprint = feats.checkpoint_fingerprint(checkpoint_dir)
@@ -96,7 +96,8 @@ class Backbone:
     def _loaded(self):
         model, params = self.enc.model, self.enc.params
         logging.info("loaded %s", dual_encoder.describe(self.enc))
-        return model, jax.device_put(params, mesh_lib.replicated(self.mesh))
+        # Placed by the logical axis names and config.mesh_rules: replicated on the default data-parallel mesh.
+        return model, jax.device_put(params, stream.shardings_for(model, self.mesh, self.rules))
 
     @property
     def model(self):
@@ -256,10 +257,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...
         ds.templates_of(t)  # an unknown set name fails here, before any work
 
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    mesh, rules = runner.make_mesh(config)
     logging.info("mesh %s on %d devices; checkpoint %s; dataset %s (%d classes)", dict(mesh.shape),
                  len(jax.devices()), ckpt, ds.name, len(ds.classnames))
-    bb = Backbone(ckpt, config.model.dtype, mesh)
+    bb = Backbone(ckpt, config.model.dtype, mesh, rules)
     writer = MetricWriter(workdir)
     rng = jax.random.key(config.rng_seed)
 
@@ -299,6 +300,8 @@ def check_choices(config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise errors.UserError(f"config.{key} must be one of {', '.join(allowed)}, got {value!r}")
+    # The evaluators are built in each fit; their types and keys are checked here, before any work.
+    evaluators.check(config.get("evals"), dict.fromkeys(fewshot_methods.EVALUATORS, lambda: None))
 
 
 def write_results(config, methods, ds, ckpt, results, tests, val, workdir) -> dict[str, Any]:

@@ -21,13 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vlm_jax import errors
 from vlm_jax.data import features as feats
+from vlm_jax.data import pipeline
 from vlm_jax.eval import classification
 from vlm_jax.methods import dualadapter
 from vlm_jax.methods import fewshot_registry as registry
 from vlm_jax.methods.fewshot.dualadapter import dualadapter_optim  # noqa: F401  (re-exported: the program's name)
 from vlm_jax.runtime import mesh as mesh_lib
-from vlm_jax.train import trainer
+from vlm_jax.train import evaluators, trainer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,7 +37,7 @@ from vlm_jax.train import trainer
 
 def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logits, seed: int, workdir: str | None,
              writer, rng: jax.Array, select_on: dict[str, np.ndarray] | None = None, keep_epoch: int | None = None,
-             optim: dict[str, Any] | None = None) -> trainer.FitResult:
+             optim: dict[str, Any] | None = None, evals: Any = None, tests=None) -> trainer.FitResult:
     """Trains `adapter` on freshly augmented images of `few` each epoch; the CLIP forward runs inside the step.
 
     Args:
@@ -50,6 +52,7 @@ def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logit
       keep_epoch: instead of `select_on`, keep this epoch's parameters (the cosine schedule still spans all
         epochs, so the result equals a run stopped there).
       optim: the optimizer settings (default `tc.optim`).
+      evals: config.evals, of the types `EVALUATORS` lists; tests: the run's test sets (`Context.tests`).
     Returns:
       trainer.FitResult (best_metrics['val_accuracy']: the selection accuracy of the kept epoch).
     """
@@ -58,17 +61,13 @@ def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logit
     # The reference keeps the last, smaller batch (drop_last=False); we keep it too when the mesh can split it.
     sizes = [bs] * (n // bs) + ([n % bs // div * div] if n % bs >= div else [])
     labels = np.array([e.label for e in few], np.int32)
-    current = {"epoch": -1}  # the trainer asks for each epoch's batches (also after a resume), then evaluates it
+    current = {"epoch": -1}  # the epoch whose batches were built last: all of an epoch's before its evaluation
 
-    def epoch_batches(epoch):
+    def make(idx, epoch, i):
         current["epoch"] = epoch
-        order = np.random.default_rng([seed, 7919, epoch]).permutation(n)
-        start = 0
-        for size in sizes:
-            idx = order[start:start + size]
-            start += size
-            items = [(few[i], (seed, 100_000 + epoch, int(i))) for i in idx]
-            yield {"images": feats.load_all(bb.augment_transform, items), "labels": labels[idx]}
+        items = [(few[j], (seed, 100_000 + epoch, int(j))) for j in idx]
+        return {"images": feats.load_all(bb.augment_transform, items), "labels": labels[idx]}
+    epoch_batches = pipeline.EpochBatches(n, tuple(sizes), (seed, 7919), make, mesh=bb.mesh)
 
     encode = bb.model.encode_image
 
@@ -80,22 +79,40 @@ def finetune(bb, few, tc, *, name: str, adapter, consts, method_loss, eval_logit
 
     if (select_on is None) == (keep_epoch is None):
         raise ValueError("finetune needs exactly one of select_on and keep_epoch")
+    accuracy_on = functools.partial(_accuracy_on, eval_logits, jax.device_put(consts, mesh_lib.replicated(bb.mesh)))
     if select_on is not None:
-        sel_logits = jax.jit(lambda a, c: eval_logits(a, select_on["features"], **c))
-        consts_dev = jax.device_put(consts, mesh_lib.replicated(bb.mesh))
-
-        def eval_fn(adapter):
-            acc = classification.accuracy(sel_logits(adapter["adapter"], consts_dev), select_on["labels"])
-            return {"accuracy": float(acc)}
+        eval_fn = accuracy_on(select_on)
     else:
         def eval_fn(adapter):  # 1 at the wanted epoch, 0 elsewhere: the trainer keeps the first maximum
             return {"accuracy": float(current["epoch"] == keep_epoch)}
 
+    def selection():
+        if select_on is None:
+            raise errors.UserError(f"{name}: evaluator type 'selection' needs a selection split, and this run keeps "
+                                   f"epoch {keep_epoch} without one (too few shots for folds): use type 'test'")
+        return eval_fn
+    factories = {"selection": selection, "test": lambda: accuracy_on(tests["test"][0])}
     return trainer.fit(
         loss_fn=loss_fn, params={"clip": bb.params, "adapter": adapter, "consts": consts},
         param_groups=[tuple(g) for g in tc.param_groups], optim=optim or tc.optim.to_dict(), num_epochs=tc.epochs,
         steps_per_epoch=len(sizes), epoch_batches=epoch_batches, mesh=bb.mesh, rng=rng, eval_fn=eval_fn,
-        select="accuracy", workdir=workdir, writer=writer, name=name)
+        select="accuracy", workdir=workdir, writer=writer, name=name,
+        evals=evaluators.from_config(evals, factories))
+
+
+# The evaluator types of config.evals in the few-shot program (the accuracy of the method's logits at its initial
+# hyperparameters): 'selection' on the split the epoch is chosen on (the per-epoch val_accuracy), 'test' on test.
+EVALUATORS = ("selection", "test")
+
+
+def _accuracy_on(eval_logits, consts_dev, split: dict[str, np.ndarray]):
+    """trainable params -> {'accuracy'} of `eval_logits` on `split` ({'features', 'labels'})."""
+    logits = jax.jit(lambda a, c: eval_logits(a, split["features"], **c))
+
+    def fn(trainable):
+        return {"accuracy": float(classification.accuracy(logits(trainable["adapter"], consts_dev),
+                                                          split["labels"]))}
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +152,8 @@ def context(config, faces, protocol, bb, ds, few, text, tests, cache, *, shots, 
             **protocol_data) -> registry.Context:
     """The `Context` of one (shots, seed) under `protocol`; services only for what `faces` need."""
     needs = set().union(*(f.needs for f in faces))
-    service = functools.partial(finetune, bb, seed=seed, workdir=workdir, writer=writer, rng=rng)
+    service = functools.partial(finetune, bb, seed=seed, workdir=workdir, writer=writer, rng=rng,
+                                evals=config.get("evals"), tests=tests)
     return registry.Context(
         config=config, protocol=protocol, shots=shots, seed=seed, num_classes=len(ds.classnames),
         text=text_weights(config, text), few=few, cache=cache, tests=tests,

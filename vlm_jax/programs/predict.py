@@ -119,11 +119,11 @@ def predict_vladva(run, paths: list[str], texts: Sequence[str] | None, batch_siz
     from vlm_jax.convert import auto
     from vlm_jax.data import lvlm_inputs, tokenize
     from vlm_jax.programs import trained, vladva
-    from vlm_jax.runtime import mesh as mesh_lib
+    from vlm_jax.programs import runner
     from vlm_jax.runtime.metrics import Progress
 
     config, mc = run.config, run.config.method
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    mesh, _ = runner.make_mesh(config)
     t = trained.load(run.workdir, mesh)
     if "vladva" not in t.fits:
         raise errors.UserError(f"{run.workdir} has no 'vladva' checkpoint (there: {', '.join(t.fits) or 'none'})")

@@ -77,11 +77,11 @@ def predict(run, paths: list[str], dataset: str | None, k: int, batch_size: int 
     from vlm_jax.methods import tsm as tsm_lib
     from vlm_jax.methods import vitask as vitask_method
     from vlm_jax.programs import trained, vitask
-    from vlm_jax.runtime import mesh as mesh_lib
+    from vlm_jax.programs import runner
     from vlm_jax.runtime.metrics import Progress
 
     config, mc = run.config, run.config.method
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    mesh, _ = runner.make_mesh(config)
     with trained.version_errors(run):
         inp = vitask.check_inputs(config)
         t = trained.load(run.workdir, mesh, checkpoints={"model": inp.ckpt, "tsm": inp.clip_dir})

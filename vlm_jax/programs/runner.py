@@ -10,13 +10,14 @@ table printed once).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import errors
+from vlm_jax.data import pipeline
 from vlm_jax.eval import report
 from vlm_jax.runtime import cache, hub
 from vlm_jax.runtime import mesh as mesh_lib
@@ -63,27 +64,31 @@ def accum_steps(section: Mapping[str, Any], bs: int, mesh, key: str) -> int:
     return k
 
 
-def epoch_batches(n: int, bs: int, seed: Sequence[int], make: Callable[[np.ndarray, int, int], Any]
-                  ) -> Callable[[int], Iterator[Any]]:
-    """The trainer's `epoch_batches`: each epoch a fresh permutation of the n rows (a pure function of
-    (seed, epoch), so a resumed run sees the same batches), cut into n // bs full batches `make(idx, epoch, i)`."""
-    def batches(epoch: int):
-        order = np.random.default_rng([*seed, epoch]).permutation(n)
-        for i in range(n // bs):
-            yield make(order[i * bs:(i + 1) * bs], epoch, i)
-    return batches
+def epoch_batches(n: int, bs: int, seed: Sequence[int], make: Callable[[np.ndarray, int, int], Any], *,
+                  mesh=None, rowwise: bool = True) -> pipeline.EpochBatches:
+    """The trainer's `epoch_batches` (`data.pipeline`): each epoch a fresh permutation of the n rows (a pure
+    function of (seed, epoch), so a resumed run sees the same batches), cut into n // bs full batches
+    `make(idx, epoch, i)`, built ahead of the step in grain's threads and placed on the mesh ahead. With `mesh`
+    and several processes each host builds only its rows (`rowwise`: `make` must then be row-wise)."""
+    return pipeline.epoch_batches(n, bs, seed, make, mesh=mesh, rowwise=rowwise)
 
 
-def load_lvlm(ckpt: str, model_config, mesh):
+def make_mesh(config) -> tuple[Any, tuple[tuple[str, Any], ...]]:
+    """(mesh, logical-axis rules) of a config: `config.mesh` (axis sizes) and `config.mesh_rules` (pairs that
+    replace entries of `mesh.DEFAULT_RULES`), both checked here, before any work."""
+    return mesh_lib.make_mesh(config.mesh.to_dict()), mesh_lib.rules_from_config(config.get("mesh_rules"))
+
+
+def load_lvlm(ckpt: str, model_config, mesh, rules=None):
     """(model, params) of an LVLM checkpoint of any supported family (`convert.auto`: llava, internvl, qwen2_vl),
-    streamed one tensor at a time and each placed by its logical axis names: replicated on the default
-    data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes, so no device ever holds the whole model.
-    `model_config`: the config's `model` block (dtype, param_dtype)."""
+    streamed one tensor at a time and each placed by its logical axis names and `rules` (`make_mesh`; None: the
+    defaults): replicated on the default data-parallel mesh, sharded when the mesh has 'fsdp' / 'tensor' axes, so
+    no device ever holds the whole model. `model_config`: the config's `model` block (dtype, param_dtype)."""
     from vlm_jax.convert import auto
 
     return auto.from_pretrained(
         ckpt, dtype=jnp.dtype(model_config.dtype),
-        param_dtype=jnp.dtype(model_config.get("param_dtype") or model_config.dtype), mesh=mesh)
+        param_dtype=jnp.dtype(model_config.get("param_dtype") or model_config.dtype), mesh=mesh, rules=rules)
 
 
 def write_results(workdir: str, md: str, out: dict[str, Any]) -> dict[str, Any]:

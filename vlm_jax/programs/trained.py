@@ -264,7 +264,6 @@ def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool =
         checkpoint at all, or a damaged one (one line each).
     """
     from vlm_jax.programs import runner
-    from vlm_jax.runtime import mesh as mesh_lib
 
     run = read_run(workdir)
     names = fit_names(run.workdir)
@@ -279,6 +278,6 @@ def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool =
                 from vlm_jax.convert import dual_encoder
                 model = dual_encoder.load_dual_encoder(checkpoints["model"], run.config.model.dtype)
             else:
-                model, base = runner.load_lvlm(checkpoints["model"], run.config.model,
-                                               mesh or mesh_lib.make_mesh(run.config.mesh.to_dict()))
+                run_mesh, rules = runner.make_mesh(run.config)   # the run's config.mesh_rules too
+                model, base = runner.load_lvlm(checkpoints["model"], run.config.model, mesh or run_mesh, rules)
     return Trained(run, checkpoints, model, base, fits)

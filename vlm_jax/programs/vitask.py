@@ -249,11 +249,12 @@ def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
             b["multi_label"] = task.multi_label[ds]
         return b
 
+    batches = runner.epoch_batches(n, bs, [config.rng_seed, 1], tsm_batch, mesh=mesh)
     tsm_eval = (make_tsm_eval(tsm_model, tsm_params, task, lambda idx: _pixels(task.val.examples, idx, inp.clip_pp))
                 if sc.selection == "val" else None)
     fit = trainer.fit(loss_fn=tsm_lib.make_loss_fn(tsm_model), params=tsm_params,
                       param_groups=list(tsm_lib.PARAM_GROUPS), optim=sc.optim.to_dict(), num_epochs=sc.epochs,
-                      steps_per_epoch=n // bs, epoch_batches=runner.epoch_batches(n, bs, [config.rng_seed, 1], tsm_batch),
+                      steps_per_epoch=n // bs, epoch_batches=batches,
                       mesh=mesh, rng=jax.random.fold_in(rng, 2), workdir=workdir, writer=writer, name="tsm",
                       log_every_s=10.0, checkpoint_every_steps=sc.get("checkpoint_every_steps", 0),
                       accum_steps=runner.accum_steps(sc, bs, mesh, "tsm"), eval_fn=tsm_eval, select="accuracy")
@@ -287,7 +288,8 @@ def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, r
                 neg = inp.negatives.sample(idx, [config.rng_seed, seed], epoch * steps + i)
                 b.update({"neg_" + k: v for k, v in _vision(train.examples, neg, inp.inputs).items()})
             return b
-        return runner.epoch_batches(n, bs, [config.rng_seed, seed], make)
+        # The negatives of a batch are drawn together (`Negatives.sample`): every host builds the whole batch.
+        return runner.epoch_batches(n, bs, [config.rng_seed, seed], make, mesh=mesh, rowwise=not with_neg)
 
     def fit_lvlm(name, params, groups, stage, epochs, seed, lr_scale=1.0):
         loss_fn = vitask.make_loss_fn(forward, stage=stage, pad_id=seqs.pad, alpha=mc.alpha, beta=mc.beta,
@@ -359,7 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mc, inp = config.method, check_inputs(config)
     task, train, test = inp.task, inp.task.train, inp.task.test
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    mesh, rules = runner.make_mesh(config)   # config.mesh, config.mesh_rules
     writer = MetricWriter(workdir)
     rng = jax.random.key(config.rng_seed)
     for key, c in (("tsm", config.tsm), ("train", config.train)):   # fail before any training, not between stages
@@ -368,7 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tsm_pred, train_feats, test_feats, tsm_fit = train_tsm(config, inp, mesh, rng, workdir, writer)
     rows = {"TSM": vitask_tasks.split_metrics(task, test, tsm_pred)}
     logging.info("TSM: %s", rows["TSM"])
-    model, base = runner.load_lvlm(inp.ckpt, config.model, mesh)
+    model, base = runner.load_lvlm(inp.ckpt, config.model, mesh, rules)
     width = base["language_model"]["model"]["embed_tokens"]["embedding"].shape[-1]
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
     logging.info("%s %s: %s; %d train / %d test, sequence length %d", inp.inputs.family, inp.ckpt, ", ".join(task.names),

@@ -30,7 +30,7 @@ from vlm_jax.models import peft
 from vlm_jax.models.llava import vision_inputs
 from vlm_jax.programs import runner
 from vlm_jax.runtime import mesh as mesh_lib
-from vlm_jax.train import trainer
+from vlm_jax.train import evaluators, trainer
 from vlm_jax.runtime import workdir as workdir_lib
 from vlm_jax.runtime.metrics import MetricWriter
 
@@ -151,6 +151,24 @@ def lvlm_embedders(model, base, tokens, inputs: lvlm_inputs.LVLMInputs, mesh, ba
         return _batched(txt_fn, texts, lambda cs: pairs.text_batch(tokens, cs), mesh, batch_size)
 
     return embed_images, embed_texts
+
+
+# The evaluator types of config.evals (train/evaluators.py): 'suite', the zero-shot evaluation suite that makes
+# the results table (retrieval, SugarCrepe, Winoground, classification: what data.* declares), on the model
+# being trained.
+EVALUATORS = ("suite",)
+
+
+def evaluator_factories(suite, model, base, tokens, inputs, mesh, dc, mc) -> dict[str, Any]:
+    """type -> () -> (trainable params -> the suite's flat metrics), for `evaluators.from_config`. `inputs`: the
+    checkpoint family's vision inputs."""
+    def suite_eval():
+        def fn(trained):
+            return eval_suite.evaluate(suite, *lvlm_embedders(
+                model, base, tokens, inputs, mesh, dc.eval_batch_size, trained["lora"],
+                dict(alpha=mc.lora_alpha, rank=mc.lora_rank), trained["image_prompt"], trained["text_prompt"]))
+        return fn
+    return {"suite": suite_eval}
 
 
 def clip_embedders(checkpoint: str, mesh, batch_size):
@@ -305,7 +323,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     split = [pairs.split_captions(tokens, (s, l)) for _, s, l in train_pairs]
     long_len = check_lengths(tokens, dc, [l for _, l in split if l])
     tokens = pairs.Tokens(tokens.fmt, dataclasses.replace(tokens.spec, long_len=long_len))
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    mesh, rules = runner.make_mesh(config)   # config.mesh, config.mesh_rules
+    evaluators.check(config.get("evals"), dict.fromkeys(EVALUATORS, lambda: None))
     n, div = len(train_pairs), mesh_lib.batch_divisor(mesh)
     bs = runner.batch_size(tc.batch_size, n, mesh)
     k = tc.grad_cache_chunks
@@ -316,7 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     # Sharded by logical axes as it streams in (`runner.load_lvlm`); the trainer keeps this layout.
-    model, base = runner.load_lvlm(ckpt, config.model, mesh)
+    model, base = runner.load_lvlm(ckpt, config.model, mesh, rules)
     logging.info("%s %s: %d train pairs, %d image tokens per image, rows: image %d, text %d, long %d tokens",
                  inputs.family, ckpt, n, inputs.tokens_per_image, len(tokens.image_row()[0]), dc.text_len, long_len)
 
@@ -335,14 +354,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def make_batch(idx, epoch, i):
         images = inputs.load_batch([_source(train_pairs[j][0]) for j in idx])
         return pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
-    epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch)
+    epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch, mesh=mesh)
 
     writer = MetricWriter(workdir)
     fit = trainer.fit(loss_fn=loss_fn, params=params, param_groups=[tuple(g) for g in tc.param_groups],
                       optim=tc.optim.to_dict(), num_epochs=tc.epochs, steps_per_epoch=steps_per_epoch,
                       epoch_batches=epoch_batches, mesh=mesh, rng=rng, workdir=workdir, writer=writer,
                       name="vladva", log_every_s=10.0,
-                      checkpoint_every_steps=tc.get("checkpoint_every_steps", 0))
+                      checkpoint_every_steps=tc.get("checkpoint_every_steps", 0),
+                      evals=evaluators.from_config(config.get("evals"), evaluator_factories(
+                          suite, model, base, tokens, inputs, mesh, dc, mc)))
     writer.close()
     trained = fit.best_params
     rows["VladVA (soft prompts + LoRA)"] = eval_suite.evaluate(suite, *lvlm_embedders(

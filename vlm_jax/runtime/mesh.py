@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vlm_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -79,10 +81,26 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
-    """Config rule lists (lists of [name, axis]) -> the tuple form flax expects."""
-    if rules is None:
-        return DEFAULT_RULES
-    return tuple((str(name), tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
+    """`DEFAULT_RULES` with a config's (logical axis, mesh axis | [mesh axes] | None) pairs replacing their
+    entries (`config.mesh_rules`: a config names only what it changes; None or empty: the defaults).
+
+    Raises:
+      UserError: one line for an unknown logical axis, an unknown mesh axis, or an entry that is not a pair.
+    """
+    table = dict(DEFAULT_RULES)
+    for rule in rules or ():
+        if isinstance(rule, str) or len(rule) != 2:
+            raise errors.UserError(f"mesh_rules: each rule is a (logical axis, mesh axis or None) pair, got {rule!r}")
+        name, axis = str(rule[0]), (tuple(rule[1]) if isinstance(rule[1], (list, tuple)) else rule[1])
+        if name not in table:
+            raise errors.UserError(f"mesh_rules: unknown logical axis {name!r}; the logical axes are "
+                                   f"{', '.join(table)}")
+        bad = [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a is not None and a not in MESH_AXES]
+        if bad:
+            raise errors.UserError(f"mesh_rules: {name!r} -> unknown mesh axis {bad[0]!r}; the mesh axes are "
+                                   f"{', '.join(MESH_AXES)} (or None: replicated)")
+        table[name] = axis
+    return tuple(table.items())
 
 
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:

@@ -34,11 +34,12 @@ RUN_START = time.time()
 # Config keys that do not change what a resumed run computes (fnmatch patterns over dotted keys).
 RESUME_EXEMPT = (
     "train.resume",                     # the switch itself
-    "mesh.*",                           # the layout: results are the same on any mesh
+    "mesh.*", "mesh_rules",             # the layout: results are the same on any mesh
     "*checkpoint_every_steps",          # how often the state is saved, not what it is
     "feature_cache_dir", "*root", "*_data_dir",   # where inputs live, not what they are
     "methods",                          # which fewshot_clip methods run: each has its own checkpoints
     # Evaluation only: nothing that is trained depends on these.
+    "evals", "evals.*",
     "data.extra_test", "data.test_limit", "data.eval_batch_size", "method.eval_mode", "clip_checkpoint",
     "data.retrieval_*", "data.sugarcrepe*", "data.winoground*", "data.classification*",
 )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -30,6 +31,7 @@ from flax import traverse_util
 
 from vlm_jax import errors
 from vlm_jax.train import checkpoints as ckpt_lib
+from vlm_jax.train.evaluators import Evaluator
 from vlm_jax.runtime import distributed
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.runtime.metrics import MetricWriter, Progress
@@ -305,6 +307,7 @@ class FitResult:
     best_epoch: int
     best_metrics: dict[str, float]
     history: list[dict[str, float]]
+    evals: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)  # name -> [{step, ...}]
 
 
 def fit(
@@ -328,6 +331,7 @@ def fit(
     accum_steps: int = 1,
     max_to_keep: int = 2,
     handle_sigterm: bool = True,
+    evals: Sequence[Evaluator] = (),
 ) -> FitResult:
     """Trains for `num_epochs`, evaluating after each epoch and keeping the best epoch's parameters.
 
@@ -337,10 +341,12 @@ def fit(
         (master weights; bf16 / fp16 leaves are upcast) while frozen leaves keep their dtype. Leaves already
         laid out on `mesh` (FSDP / tensor-parallel, from `mesh.shard_params`) keep their sharding, and so do
         their optimizer moments; everything else is replicated.
-      epoch_batches: epoch index -> exactly `steps_per_epoch` host batches (numpy, the global batch, the same on
-        every process). The epoch's data being a pure function of its index lets a resumed run see the same data:
-        the position (epoch, batch) comes from the checkpointed step; a mid-epoch resume skips the first batches.
+      epoch_batches: epoch index -> exactly `steps_per_epoch` host batches (the global batch), best a
+        `data.pipeline.EpochBatches` (`_placed_batches`). The epoch's data being a pure function of its index, the
+        checkpointed (epoch, batch) is the whole data position: a resumed run reopens the epoch at that batch.
       eval_fn: trainable params -> metrics; `select` names the one to maximise (the best epoch is kept).
+      evals: run every `every_steps` steps and after the last, written as `<name>/<evaluator>/<metric>` (a resumed
+        run's `FitResult.evals` holds the evaluations it ran itself); they select nothing (`eval_fn` does).
       workdir: if set, orbax checkpoints (async; visible only once complete) go to workdir/checkpoints/<name> after
         each epoch, every `checkpoint_every_steps` steps (0: epoch ends only) and on SIGTERM (then `Preempted` is
         raised). A run restarted with the same workdir resumes from the latest one.
@@ -352,7 +358,7 @@ def fit(
     """
     total_steps = num_epochs * steps_per_epoch
     tx, state, frozen, shardings = _initial_state(params, param_groups, optim, total_steps, mesh)
-    run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep))
+    run = _Run(name, steps_per_epoch, mesh, _Checkpoints.open(workdir, name, max_to_keep), evals, writer)
     if run.ckpt is not None:
         state = run.restore(state, eval_fn is not None, total_steps)
     train_step = make_train_step(loss_fn, tx, rng, accum_steps=accum_steps, state_shardings=shardings)
@@ -368,9 +374,9 @@ def fit(
 
         start_epoch, skip = divmod(run.step, steps_per_epoch)
         for epoch in range(start_epoch, num_epochs):
-            step_fn = lambda st, batch: train_step(st, frozen, mesh_lib.shard_batch(batch, mesh))  # noqa: E731
-            state, n = run.epoch(state, epoch_batches(epoch), skip, step_fn, progress, preempted,
-                                 checkpoint_every_steps)
+            step_fn = lambda st, batch: train_step(st, frozen, batch)  # noqa: E731
+            state, n = run.epoch(state, _placed_batches(epoch_batches, epoch, skip, mesh), skip, step_fn, progress,
+                                 preempted, checkpoint_every_steps)
             if n != steps_per_epoch:
                 raise ValueError(f"{name}: epoch {epoch} produced {n} batches, expected steps_per_epoch="
                                  f"{steps_per_epoch}")
@@ -378,14 +384,21 @@ def fit(
             run.end_epoch(state, epoch, n, eval_fn, select, writer)
             if epoch + 1 < num_epochs and preempted():
                 run.stop(Preempted(run.step, run.ckpt.manager.directory))
+        run.evaluate(state, final=True)
         run.finish()
     progress.update(run.step, force=True)
-    best = run.best
-    if eval_fn is None:
-        best = {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
-    best_metrics = next((r for r in run.history if r["epoch"] == int(best["epoch"])), {})
-    return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
-                     best_metrics=best_metrics, history=run.history)
+    return run.result(state, eval_fn is not None, num_epochs)
+
+
+def _placed_batches(epoch_batches, epoch: int, skip: int, mesh) -> Iterator[Any]:
+    """The epoch's batches from batch `skip` on (a mid-epoch resume: the first ones are in the restored state),
+    on the mesh. An `epoch_batches` with `device_iterator(epoch, start, mesh)` (`data.pipeline.EpochBatches`;
+    duck-typed: train/ does not import data/) opens the epoch at `skip` without building the batches before it,
+    and builds and places the next ones ahead of the step; a plain callable's batches are built and dropped up
+    to `skip`, then each is built and placed when its step comes (nothing ahead)."""
+    if hasattr(epoch_batches, "device_iterator"):
+        return epoch_batches.device_iterator(epoch, skip, mesh)
+    return (mesh_lib.shard_batch(b, mesh) for b in itertools.islice(epoch_batches(epoch), skip, None))
 
 
 def _initial_state(params, param_groups, optim, total_steps: int, mesh):
@@ -439,8 +452,11 @@ class _Checkpoints:
 class _Run:
     """The epoch loop's bookkeeping: step, epoch sums (on the device), best epoch, history, checkpoints."""
 
-    def __init__(self, name: str, steps_per_epoch: int, mesh, ckpt: _Checkpoints | None):
+    def __init__(self, name: str, steps_per_epoch: int, mesh, ckpt: _Checkpoints | None,
+                 evals: Sequence[Evaluator] = (), writer: MetricWriter | None = None):
         self.name, self.steps_per_epoch, self.mesh, self.ckpt = name, steps_per_epoch, mesh, ckpt
+        self.evals, self.writer = tuple(evals), writer
+        self.evals_log: dict[str, list[dict[str, float]]] = {ev.name: [] for ev in self.evals}
         self.step = 0
         self.best = {"params": None, "metric": -np.inf, "epoch": -1}
         self.history: list[dict[str, float]] = []
@@ -481,6 +497,8 @@ class _Run:
         self.check(state)   # nothing of a diverged step is ever saved
         if self.ckpt is None:
             return
+        # (epoch, batch) is the input pipeline's whole state: an epoch's batches are a pure function of its index
+        # (`data.pipeline.EpochBatches` reopens the epoch at `batch`), so nothing else of the iterator is saved.
         epoch, batch = divmod(self.step, self.steps_per_epoch)
         meta = {"epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
                 "sums": self.host_sums() if epoch_sums is None else epoch_sums, "history": self.history,
@@ -489,13 +507,12 @@ class _Run:
 
     def epoch(self, state, batches, skip: int, step_fn, progress, preempted, checkpoint_every_steps: int):
         """One epoch's steps from batch `skip` on (a mid-epoch resume); returns (state, batches seen in the epoch)."""
-        n = skip
-        for b, batch in enumerate(batches):
-            if b < skip:
-                continue   # a mid-epoch resume: these batches are in the restored state already
+        n = skip   # `batches` starts at batch `skip` (`_placed_batches`)
+        for batch in batches:
             state, metrics = step_fn(state, batch)
             self.step, n = self.step + 1, n + 1
             self.accumulate(metrics)  # on the device: nothing is fetched per step
+            self.evaluate(state)
             if progress.due(self.step):
                 self.check(state)
                 progress.update(self.step, {"loss": jax.device_get(metrics["loss"])})
@@ -506,6 +523,26 @@ class _Run:
             if checkpoint_every_steps and self.step % checkpoint_every_steps == 0 and not end_of_epoch:
                 self.save(state)
         return state, n
+
+    def result(self, state, selected: bool, num_epochs: int) -> FitResult:
+        """The fit's result: the best epoch's parameters (`selected`: by eval_fn), else the last epoch's."""
+        best = self.best if selected else {"params": state.params, "metric": 0.0, "epoch": num_epochs - 1}
+        best_metrics = next((r for r in self.history if r["epoch"] == int(best["epoch"])), {})
+        return FitResult(state=state, best_params=best["params"], best_epoch=int(best["epoch"]),
+                         best_metrics=best_metrics, history=self.history, evals=self.evals_log)
+
+    def evaluate(self, state, final: bool = False) -> None:
+        """Runs the evaluators due at this step (all of them when `final`), each at most once per step."""
+        for ev in self.evals:
+            log = self.evals_log[ev.name]
+            due = final or (ev.every_steps > 0 and self.step % ev.every_steps == 0)
+            if not due or (log and log[-1]["step"] == self.step):
+                continue
+            self.check(state)   # a diverged state is reported, not evaluated
+            metrics = {k: float(v) for k, v in ev.fn(state.params).items()}
+            log.append({"step": self.step, **metrics})
+            if self.writer is not None:
+                self.writer.write(self.step, metrics, prefix=f"{self.name}/{ev.name}/")
 
     def end_epoch(self, state, epoch: int, n: int, eval_fn, select: str, writer) -> None:
         """The epoch's row (mean train metrics, val metrics), the best epoch, the epoch-end checkpoint."""
