@@ -1,0 +1,87 @@
+"""Export of trained tensors (convert/adapters.py): a PEFT adapter that `peft` loads onto the HF base with the
+logits of our LoRA forward, a merged HF checkpoint with the same logits, and the non-LoRA trained trees as
+safetensors + JSON. The oracle is HF PyTorch + the peft library on the llava-1.5 replica (real structure)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.convert import adapters
+from vlm_jax.convert import llava as llava_convert
+from vlm_jax.errors import UserError
+from vlm_jax.methods import vladva as disc
+from vlm_jax.models import peft as lora_lib
+from vlm_jax.testing import replicas
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+hf_peft = pytest.importorskip("peft")
+
+RANK, ALPHA = 4, 8.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The llava-1.5 replica with random (non-zero) LoRA on VladVA's targets, one batch of inputs."""
+    path = replicas.write_replica("llava-1.5", tmp_path_factory.mktemp("replica") / "llava-1.5")
+    model, base = llava_convert.from_pretrained(path)
+    lora = lora_lib.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=RANK)
+    # B = 0 at init would make the adapter the identity: a mapping bug could not show.
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), lora)
+    t = model.cfg.tokens_per_image
+    ids = np.array([[1, 5] + [model.cfg.image_token_id] * t + [7, 8, 9]], np.int64)
+    mask = np.ones_like(ids)
+    pixels = np.random.default_rng(0).normal(size=(1, 336, 336, 3)).astype(np.float32)
+    ours = lora_lib.LoraModel(model, alpha=ALPHA, rank=RANK).apply(
+        {"params": {"base": base, "lora": lora}}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+        jnp.asarray(pixels))
+    inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+    return path, model, base, lora, np.asarray(ours)[0], inputs
+
+
+def test_peft_adapter_loads_with_equal_logits(trained, tmp_path):
+    path, model, _, lora, ours, inputs = trained
+    out = adapters.write_peft_adapter(tmp_path / "adapter", model, lora, rank=RANK, alpha=ALPHA, base_model=str(path))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        plain = hf(**inputs).logits.numpy()[0]
+        adapted = hf_peft.PeftModel.from_pretrained(hf, out).eval()
+        ref = adapted(**inputs).logits.numpy()[0]
+    # Every targeted layer was found by peft (7 per LM layer), and the adapter changes the output.
+    n_layers = model.cfg.text.num_layers
+    assert sum(isinstance(m, hf_peft.tuners.lora.Linear) for m in adapted.modules()) == 7 * n_layers
+    assert np.abs(plain - ref).max() > 1e-2
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_merged_checkpoint_loads_with_equal_logits(trained, tmp_path):
+    path, model, base, lora, ours, inputs = trained
+    out = adapters.write_merged(tmp_path / "merged", model, base, lora, rank=RANK, alpha=ALPHA)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(**inputs).logits.numpy()[0], ours, atol=1e-4, rtol=0)
+
+
+def test_arrays_roundtrip_and_describe(tmp_path):
+    trees = {"image_prompt": np.arange(6, dtype=np.float32).reshape(2, 3),
+             "connector": {"dense": {"kernel": np.ones((3, 4), np.float32), "bias": np.zeros(4, np.float32)}}}
+    what = {"image_prompt": "soft prompt f32[P, D]", "connector": "TSM -> LLM connector"}
+    out = adapters.write_arrays(tmp_path / "a", trees, what, source={"method": "vladva"})
+    index = json.loads((out / adapters.ARRAYS_INDEX).read_text())
+    assert index["tensors"]["connector/dense/kernel"] == {"shape": [3, 4], "dtype": "float32",
+                                                          "what": "TSM -> LLM connector"}
+    assert index["source"] == {"method": "vladva"}
+    back = adapters.read_arrays(out)
+    jax.tree.map(np.testing.assert_array_equal, back, trees)
+
+
+def test_non_linear_lora_is_refused(trained):
+    _, model, base, _, _, _ = trained
+    emb = lora_lib.lora_init(base, jax.random.key(0), targets=[r"language_model/model/embed_tokens/embedding"],
+                             rank=RANK)
+    with pytest.raises(UserError, match="no nn.Linear counterpart"):
+        adapters.peft_tensors(emb, adapters.hf_table(model), rank=RANK)
