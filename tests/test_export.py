@@ -2,6 +2,7 @@
 logits of our LoRA forward, a merged HF checkpoint with the same logits, and the non-LoRA trained trees as
 safetensors + JSON. The oracle is HF PyTorch + the peft library on the llava-1.5 replica (real structure)."""
 
+import dataclasses
 import json
 
 import jax
@@ -85,3 +86,29 @@ def test_non_linear_lora_is_refused(trained):
                              rank=RANK)
     with pytest.raises(UserError, match="no nn.Linear counterpart"):
         adapters.peft_tensors(emb, adapters.hf_table(model), rank=RANK)
+
+
+def test_main_writes_adapter_and_arrays_and_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
+    from vlm_jax.programs import export
+
+    path, model, base, lora, _, _ = trained
+    prompt = np.ones((3, model.cfg.text.hidden_size), np.float32)
+    source = export.Source(method="vladva", checkpoint=str(path), trained={"lora": lora, "image_prompt": prompt},
+                           model=model, base=base, lora_rank=RANK, lora_alpha=ALPHA)
+    monkeypatch.setattr(export, "load_source", lambda workdir: source)
+    out = tmp_path / "out"
+    assert export.main([f"--workdir={tmp_path}", f"--out={out}"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (RANK, ALPHA, str(path))
+    index = json.loads((out / "arrays.json").read_text())
+    assert list(index["tensors"]) == ["image_prompt"] and index["source"]["lora_rank"] == RANK
+    capsys.readouterr()
+    for argv, msg in [([f"--workdir={tmp_path}", f"--out={out}", "--format=onnx"], "invalid choice"),
+                      ([f"--workdir={tmp_path / 'nope'}", f"--out={out}"], "not a directory"),
+                      ([f"--out={out}"], "--workdir")]:
+        assert export.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    arrays_only = dataclasses.replace(source, trained={"image_prompt": prompt}, model=None)
+    with pytest.raises(UserError, match="needs a run that trained LoRA"):
+        export.export(arrays_only, tmp_path / "x", "merged")
