@@ -15,7 +15,6 @@ from vlm_jax.convert import llava as llava_convert
 from vlm_jax.errors import UserError
 from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft as lora_lib
-from vlm_jax.testing import replicas
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,9 +24,9 @@ RANK, ALPHA = 4, 8.0
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(llava15_replica):
     """The llava-1.5 replica with random (non-zero) LoRA on VladVA's targets, one batch of inputs."""
-    path = replicas.write_replica("llava-1.5", tmp_path_factory.mktemp("replica") / "llava-1.5")
+    path = llava15_replica
     model, base = llava_convert.from_pretrained(path)
     lora = lora_lib.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=RANK)
     # B = 0 at init would make the adapter the identity: a mapping bug could not show.
