@@ -109,6 +109,9 @@ def get_config(arg=None):
     c.sweep = dict(enabled=arg.sweep, shots=(1, 2, 4, 8, 16), seeds=(1, 2, 3))  # --config.sweep.shots="(1,4)"
     c.feature_cache_dir = os.path.join(cache.cache_root(), "features")  # $VLM_JAX_CACHE/features
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # wandb: a Weights & Biases project to log to besides metrics.jsonl and TensorBoard ('' = none; needs the
+    # [wandb] extra; WANDB_MODE=offline logs without an account).
+    c.log = dict(wandb="")
     c.train = dict(resume="check")   # 'force': resume a workdir whose config.json differs (runtime/workdir.py)
     c.rng_seed = 0
 

@@ -64,6 +64,9 @@ def get_config(arg=None):
                    checkpoint_every_steps=200,   # plus every epoch end and on SIGTERM
                    resume="check")   # 'force': resume a workdir whose config.json differs (see train/workdir.py)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # wandb: a Weights & Biases project to log to besides metrics.jsonl and TensorBoard ('' = none; needs the
+    # [wandb] extra; WANDB_MODE=offline logs without an account).
+    c.log = dict(wandb="")
 
     if arg.runlocal:
         c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths

@@ -210,6 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                f"{', '.join(fewshot_registry.names())}")
     runs = ([(s, r) for s in config.sweep.shots for r in config.sweep.seeds] if config.sweep.enabled
             else [(dc.shots, dc.seed)])
+    if len(runs) > 1:
+        report.require_plotting()  # the sweep ends with a plot: a missing extra is said now, not after the runs
     for s, _ in runs:  # shots <= 0 (or 1.5): one line, before anything is written
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise errors.UserError(f"shots must be a whole number >= 1, got {s!r} (config argument shots=, "
@@ -247,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("mesh %s on %d devices; checkpoint %s; dataset %s (%d classes)", dict(mesh.shape),
                  len(jax.devices()), ckpt, ds.name, len(ds.classnames))
     bb = Backbone(ckpt, config.model.dtype, mesh)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter.for_run(workdir, config)
     rng = jax.random.key(config.rng_seed)
 
     text = text_features(bb, ds, dc, template_sets, cache_dir)
