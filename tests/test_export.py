@@ -94,7 +94,7 @@ def test_main_writes_adapter_and_arrays_and_errors_are_one_line(trained, tmp_pat
     prompt = np.ones((3, model.cfg.text.hidden_size), np.float32)
     source = export.Source(method="vladva", checkpoint=str(path), trained={"lora": lora, "image_prompt": prompt},
                            model=model, base=base, lora_rank=RANK, lora_alpha=ALPHA)
-    monkeypatch.setattr(export, "load_source", lambda workdir: source)
+    monkeypatch.setattr(export, "load_source", lambda workdir, fit: source)
     out = tmp_path / "out"
     assert export.main([f"--workdir={tmp_path}", f"--out={out}"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
@@ -111,3 +111,27 @@ def test_main_writes_adapter_and_arrays_and_errors_are_one_line(trained, tmp_pat
     arrays_only = dataclasses.replace(source, trained={"image_prompt": prompt}, model=None)
     with pytest.raises(UserError, match="needs a run that trained LoRA"):
         export.export(arrays_only, tmp_path / "x", "merged")
+
+
+def test_what_each_program_exports():
+    from types import SimpleNamespace as NS
+
+    from vlm_jax.programs import export
+
+    fit = lambda **params: NS(params=params)
+    s1, s2 = fit(lora="L1", connector="C1"), fit(lora="L2")
+    trees = export.trained_trees("vitask", {"tsm": fit(head="H"), "vitask_stage1": s1, "vitask_stage2": s2,
+                                            "vanilla": fit(lora="LV")}, "/w")
+    # The final VITask model: stage 2 trains the LoRA only, the connector stays stage 1's.
+    assert trees == {"lora": "L2", "connector": "C1", "tsm": {"head": "H"}}
+    assert export.trained_trees("vitask", {"tsm": fit(), "vitask_stage1": s1}, "/w")["lora"] == "L1"
+    assert export.trained_trees("vitask", {"vanilla": fit(lora="LV")}, "/w", fit="vanilla") == {"lora": "LV"}
+    with pytest.raises(UserError, match="no fit 'vladva'.*there: x"):
+        export.trained_trees("vladva", {"x": fit()}, "/w")
+    with pytest.raises(UserError, match="training-free"):
+        export.trained_trees("fewshot_clip", {}, "/w")
+    few = {"dualadapter_f-4shot-seed1": fit(adapter={"res_keys": 1})}
+    trees = export.trained_trees("fewshot_clip", few, "/w")
+    source = export.Source(method="fewshot_clip", checkpoint="c", trained=trees)
+    (what,) = export._describe(source, list(source.trained)).values()
+    assert what.startswith("dualadapter_f-4shot-seed1: few-shot CLIP adapter")

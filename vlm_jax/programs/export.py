@@ -9,8 +9,10 @@ checkpoint into files other tools read.
   arrays   every trained tensor (LoRA pairs included, as 'lora/<kernel path>/{a,b}'), e.g. the DualAdapter
            residuals and caches, as arrays.safetensors + arrays.json (names, shapes, dtypes, what each is).
 
-The default is 'peft' for runs that trained LoRA and 'arrays' otherwise. The run is read by
-`vlm_jax.programs.trained.load(workdir)`; `export(source, out, fmt)` is the workdir-free part.
+The default is 'peft' for runs that trained LoRA and 'arrays' otherwise. What is exported (`trained_trees`):
+VladVA's LoRA + soft prompts; VITask's final LoRA + connector (+ the TSM as arrays); every fine-tuned few-shot
+fit; `--fit=NAME` picks one training. The run is read by `vlm_jax.programs.trained.load(workdir)`;
+`export(source, out, fmt)` is the workdir-free part.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ WHAT = {
     "connector": "VITask exemplar connector: the task-specific model's CLS feature -> one LLM input embedding",
     "adapter": "few-shot CLIP adapter parameters (DualAdapter residuals on text classifiers and cache keys, "
                "Tip-Adapter-F cache keys)",
-    "caches": "few-shot cache built from the support set (keys f32[N, D], values f32[N, C])",
+    "tsm": "VITask task-specific model (vision tower + classifier) whose CLS feature feeds the connector",
 }
 
 
@@ -63,7 +65,14 @@ class Source:
 
 
 def _describe(source: Source, names) -> dict[str, str]:
-    return {n: WHAT.get(n, f"trained by {source.method} (no description registered)") for n in names}
+    """One line per trained tree; a few-shot fit (named after its method, shots and seed) by what it holds."""
+    def what(name):
+        if name in WHAT:
+            return WHAT[name]
+        tree = source.trained[name]
+        inner = [WHAT[k] for k in (tree if isinstance(tree, Mapping) else ()) if k in WHAT]
+        return f"{name}: {'; '.join(inner)}" if inner else f"trained by {source.method} ({name})"
+    return {n: what(n) for n in names}
 
 
 def _write_rest(source: Source, out: pathlib.Path, names, required: bool = False) -> list[str]:
@@ -114,25 +123,64 @@ def export(source: Source, out, fmt: str | None = None) -> list[str]:
     return files + _write_rest(source, out, rest)
 
 
-def load_source(workdir: str) -> Source:
+def load_source(workdir: str, fit: str | None = None) -> Source:
     """The export `Source` of a trained workdir, through `vlm_jax.programs.trained.load`."""
     try:
         from vlm_jax.programs import trained
     except ImportError:
         raise UserError("export needs vlm_jax.programs.trained (the trained-run loader), which is not in this "
                         "build") from None
-    return source_from_run(trained.load(workdir))
+    return source_from_run(trained.load(workdir), fit)
 
 
-def source_from_run(run) -> Source:
-    """`Source` from the trained-run loader's result: its `config` (the run's ConfigDict), `checkpoint` (resolved
-    base checkpoint), `model` / `base` (the LVLM and its frozen params; None for CLIP methods) and `trained`
-    ({name: pytree} restored from the workdir's kept checkpoint)."""
-    lora = bool(run.trained.get("lora"))
-    mc = run.config.method
-    return Source(method=str(run.config.program), checkpoint=str(run.checkpoint), trained=run.trained,
-                  model=run.model, base=run.base, lora_rank=int(mc["lora_rank"]) if lora else None,
-                  lora_alpha=float(mc["lora_alpha"]) if lora else None)
+def _pick(fits: Mapping[str, Any], name: str, workdir: str):
+    if name not in fits:
+        raise UserError(f"{workdir} has no fit {name!r} (there: {', '.join(sorted(fits)) or 'none'})")
+    return fits[name].params
+
+
+def trained_trees(program: str, fits: Mapping[str, Any], workdir: str, fit: str | None = None) -> dict[str, Any]:
+    """{name: tree} of what a run trained, from its fits (`trained.Fit`, each the trainable subset of one training).
+
+    vladva: the 'vladva' fit ({'lora', 'image_prompt', 'text_prompt'[, 'log_temperature']}). vitask: the final
+    model, i.e. stage 2's LoRA (stage 1's when stage 2 did not train) with stage 1's connector, and the 'tsm'
+    classifier the exemplars come from. fewshot_clip: every fit (one per method, shots and seed), by its name.
+    `fit` picks one fit by name instead.
+    """
+    if fit is not None:
+        return dict(_pick(fits, fit, workdir))
+    if program == "vladva":
+        return dict(_pick(fits, "vladva", workdir))
+    if program == "vitask":
+        stage1 = _pick(fits, "vitask_stage1", workdir)
+        final = fits["vitask_stage2"].params if "vitask_stage2" in fits else stage1
+        return {"lora": final["lora"], "connector": stage1["connector"], "tsm": _pick(fits, "tsm", workdir)}
+    if not fits:
+        raise UserError(f"{workdir} keeps no trained tensors: its training-free methods (zero-shot, Tip-Adapter, "
+                        f"DualAdapter) are rebuilt from the config; only the fine-tuned ones (-F) are exported")
+    return {name: f.params for name, f in fits.items()}
+
+
+def source_from_run(loaded, fit: str | None = None) -> Source:
+    """`Source` of a `trained.Trained` (run config, resolved base checkpoints, LVLM model + base, fits)."""
+    run = loaded.run
+    trees = trained_trees(run.program, loaded.fits, run.workdir, fit)
+    lora = bool(trees.get("lora"))
+    mc = run.config.method if lora else None
+    lvlm = run.program in ("vladva", "vitask")
+    return Source(method=run.program, checkpoint=loaded.checkpoints["model"], trained=trees,
+                  model=loaded.model if lvlm else None, base=loaded.base if lvlm else None,
+                  lora_rank=int(mc.lora_rank) if lora else None, lora_alpha=float(mc.lora_alpha) if lora else None,
+                  extra_files=_tokenizer_files(loaded.checkpoints["model"]) if lvlm else None)
+
+
+def _tokenizer_files(ckpt: str) -> dict[str, bytes]:
+    """The base checkpoint's non-weight files (tokenizer, processor, chat template, generation config), so that a
+    merged export is a complete checkpoint."""
+    root = pathlib.Path(ckpt)
+    return {f.name: f.read_bytes() for f in sorted(root.iterdir())
+            if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".index.json"))
+            and f.stat().st_size < 64 * 2 ** 20}
 
 
 def _parse(argv: Sequence[str]):
@@ -141,6 +189,7 @@ def _parse(argv: Sequence[str]):
     p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="peft (default with LoRA) | merged | arrays (default without LoRA)")
+    p.add_argument("--fit", default=None, help="export this training (a folder under WORKDIR/checkpoints) only")
     return p.parse_args(argv)
 
 
@@ -148,7 +197,7 @@ def _main(argv: Sequence[str]) -> int:
     args = _parse(argv)
     if not pathlib.Path(args.workdir).is_dir():
         raise UserError(f"--workdir={args.workdir} is not a directory")
-    source = load_source(args.workdir)
+    source = load_source(args.workdir, args.fit)
     files = export(source, args.out, args.format)
     print(f"exported {source.method} from {args.workdir} to {args.out}: {', '.join(files)}")
     return 0
