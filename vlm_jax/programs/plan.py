@@ -1,8 +1,9 @@
 """`vlm-jax plan --config=configs/vladva.py[:args] [--config.a.b=v] [--mesh=data=8,fsdp=1,tensor=1]
 [--device_memory_gb=N]`: the memory a run needs per device, before anything is loaded.
 
-Reads only the checkpoint's config.json (an offline replica spec is written first, as the run would) and builds
-the parameter tree with `jax.eval_shape`, so a 7B model costs nothing. Per device, on the requested mesh:
+Reads only the checkpoint's config.json (no weights needed; an offline replica spec is written first, as the run
+would) and builds the parameter tree with `jax.eval_shape`, so a 7B model costs nothing. Per device, on the
+requested mesh:
 
   base params       each leaf's shard (its NamedSharding from the logical-axis rules, `runtime.mesh`) in the
                     storage dtype (model.param_dtype or model.dtype): exactly what the sharded load places.
@@ -52,8 +53,8 @@ class Plan:
 
     def table(self) -> str:
         lines = [f"memory per device on mesh {self.mesh} ({math.prod(self.mesh.values())} devices):"]
-        lines += [f"  {name:<18}{_gib(b):>12}" for name, b in self.rows.items()]
-        lines += [f"  {'total':<18}{_gib(self.total):>12}"] + [f"  note: {n}" for n in self.notes]
+        lines += [f"  {name:<20}{_gib(b):>14}" for name, b in self.rows.items()]
+        lines += [f"  {'total':<20}{_gib(self.total):>14}"] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -144,7 +145,7 @@ def activation_bytes(cfg, config, mesh_shape: Mapping[str, int], prompt_tokens: 
     """
     t, v, dc, tc = cfg.text, cfg.vision, config.data, config.train
     rows = mesh_shape["data"] * mesh_shape["fsdp"]
-    b = max(1, math.ceil(tc.batch_size / rows / max(1, tc.get("grad_cache_chunks", 1))))
+    b = max(1, math.ceil(tc.batch_size / rows / max(1, tc.grad_cache_chunks)))
     image_len = cfg.tokens_per_image + prompt_tokens
     long_len = dc.long_len or image_len + dc.long_caption_max_tokens
     itemsize = jnp.dtype(config.model.dtype).itemsize
@@ -157,9 +158,9 @@ def activation_bytes(cfg, config, mesh_shape: Mapping[str, int], prompt_tokens: 
     # NTP: float32 logits of the long rows and their softmax gradient.
     logits = 2 * 4 * long_len * t.vocab_size // mesh_shape["tensor"]
     total = b * ((lm + tower) * itemsize + logits)
+    chunks = f", grad_cache_chunks {tc.grad_cache_chunks}" if tc.grad_cache_chunks > 1 else ""
     return total, [f"activations for {b} rows per device (batch {tc.batch_size} over {rows} data-parallel devices"
-                   f"{', grad_cache_chunks ' + str(tc.grad_cache_chunks) if tc.get('grad_cache_chunks', 1) > 1 else ''})"
-                   f" of {image_len} image+prompt, {dc.text_len} text and {long_len} long tokens"]
+                   f"{chunks}) of {image_len} image+prompt, {dc.text_len} text and {long_len} long tokens"]
 
 
 def trainable_elements(tree, labels: Mapping[str, Any], base_shards: Mapping[str, tuple[int, int]]) -> int:
@@ -253,6 +254,22 @@ def _flags(argv: Sequence[str]):
     return fv
 
 
+def checkpoint_config_dir(spec: str) -> str:
+    """The directory of the checkpoint's config.json: an offline replica is written as the run would write it; a
+    directory or a cached hub id needs config.json only (plan before downloading the weights)."""
+    from vlm_jax.programs import runner
+    from vlm_jax.runtime import hub
+    from vlm_jax.testing import replicas
+
+    if replicas.is_offline_spec(spec):
+        return runner.resolve_checkpoint(spec, None)
+    path = hub.resolve_checkpoint(spec, weights=False)
+    if not (path / hub.CONFIG_NAME).is_file():
+        raise UserError(f"{path} has no {hub.CONFIG_NAME}: plan needs the checkpoint's config.json (e.g. "
+                        f"`hf download {spec} config.json`)")
+    return str(path)
+
+
 def _mesh_arg(text: str) -> dict[str, int]:
     try:
         return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
@@ -261,13 +278,11 @@ def _mesh_arg(text: str) -> dict[str, int]:
 
 
 def _main(argv: Sequence[str]) -> int:
-    from vlm_jax.programs import runner
-
     fv = _flags(argv)
     config = fv.config
     _check_program(config)  # before resolving (perhaps writing) the checkpoint
     mesh_shape = resolve_mesh(_mesh_arg(fv.mesh) if fv.mesh else dict(config.get("mesh", {})), jax.device_count())
-    ckpt = runner.resolve_checkpoint(config.model.checkpoint, None)
+    ckpt = checkpoint_config_dir(config.model.checkpoint)
     plan = make_plan(config, ckpt, mesh_shape)
     print(plan.table())
     print(check_fits(plan, fv.device_memory_gb))
