@@ -15,6 +15,7 @@ from vlm_jax.convert import llava as llava_convert
 from vlm_jax.errors import UserError
 from vlm_jax.methods import vladva as disc
 from vlm_jax.models import peft as lora_lib
+from vlm_jax.testing import common
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,14 +29,12 @@ def trained(llava15_replica):
     """The llava-1.5 replica with random (non-zero) LoRA on VladVA's targets, one batch of inputs."""
     path = llava15_replica
     model, base = llava_convert.from_pretrained(path)
-    lora = lora_lib.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=RANK)
-    # B = 0 at init would make the adapter the identity: a mapping bug could not show.
-    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), lora)
+    lora = common.random_lora(base, disc.LORA_TARGETS, RANK, seed=1)  # B != 0: a mapping bug shows
     t = model.cfg.tokens_per_image
     ids = np.array([[1, 5] + [model.cfg.image_token_id] * t + [7, 8, 9]], np.int64)
     mask = np.ones_like(ids)
     pixels = np.random.default_rng(0).normal(size=(1, 336, 336, 3)).astype(np.float32)
-    ours = lora_lib.LoraModel(model, alpha=ALPHA, rank=RANK).apply(
+    ours = jax.jit(lora_lib.LoraModel(model, alpha=ALPHA, rank=RANK).apply)(
         {"params": {"base": base, "lora": lora}}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
         jnp.asarray(pixels))
     inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
