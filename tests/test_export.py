@@ -95,7 +95,7 @@ def test_main_writes_adapter_and_arrays_and_errors_are_one_line(trained, tmp_pat
                            model=model, base=base, lora_rank=RANK, lora_alpha=ALPHA)
     monkeypatch.setattr(export, "load_source", lambda workdir, fit: source)
     out = tmp_path / "out"
-    assert export.main([f"--workdir={tmp_path}", f"--out={out}"]) == 0
+    export.main(["vlm-jax export", f"--workdir={tmp_path}", f"--out={out}"])
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (RANK, ALPHA, str(path))
     index = json.loads((out / "arrays.json").read_text())
@@ -104,7 +104,9 @@ def test_main_writes_adapter_and_arrays_and_errors_are_one_line(trained, tmp_pat
     for argv, msg in [([f"--workdir={tmp_path}", f"--out={out}", "--format=onnx"], "invalid choice"),
                       ([f"--workdir={tmp_path / 'nope'}", f"--out={out}"], "not a directory"),
                       ([f"--out={out}"], "--workdir")]:
-        assert export.main(argv) == 2
+        with pytest.raises(SystemExit) as e:
+            export.main(["vlm-jax export", *argv])
+        assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     arrays_only = dataclasses.replace(source, trained={"image_prompt": prompt}, model=None)

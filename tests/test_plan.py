@@ -3,7 +3,7 @@ device (here one device; tests/sharded_load_child.py checks sharded meshes), the
 `peft.lora_init` makes, and a run that does not fit is refused in one line."""
 
 import jax
-import numpy as np
+import pytest
 
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.methods import vladva as disc
@@ -32,14 +32,17 @@ def test_param_bytes_equal_the_loaded_bytes(llava15_replica):
 
 
 def test_main_prints_the_plan_and_refuses_in_one_line(llava15_replica, capsys):
-    args = ["--config=configs/vladva.py:runlocal", f"--config.model.checkpoint={llava15_replica}"]
-    assert plan.main(args + ["--device_memory_gb=100"]) == 0
+    args = ["vlm-jax plan", "--config=configs/vladva.py:runlocal", f"--config.model.checkpoint={llava15_replica}"]
+    plan.main(args + ["--device_memory_gb=100"])
     out = capsys.readouterr().out
     assert "base params" in out and "activations (est.)" in out and "fits:" in out
     for extra, msg in [(["--device_memory_gb=0.001"], "the run needs"), (["--mesh=tensor=3"], "cannot be split"),
                        (["--config.nope=1"], "unknown config key")]:
-        assert plan.main(args + extra) == 2
+        with pytest.raises(SystemExit) as e:
+            plan.main(args + extra)
+        assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
-    assert plan.main(["--config=configs/dualadapter.py:runlocal"]) == 2
+    with pytest.raises(SystemExit):
+        plan.main(["vlm-jax plan", "--config=configs/dualadapter.py:runlocal"])
     assert "plan supports the vladva" in capsys.readouterr().err

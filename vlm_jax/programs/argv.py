@@ -17,10 +17,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def run(body: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None) -> int:
-    """Runs `body(argv)`; a UserError becomes one `error:` line on stderr and exit status 2."""
+def run(body: Callable[[Sequence[str]], None], argv: Sequence[str] | None) -> None:
+    """Runs `body(argv[1:])` for a subcommand's `main(argv)` (argv[0]: the program name, as absl passes it; the
+    `vlm-jax` console script passes 'vlm-jax <command>'); a UserError becomes one `error:` line on stderr and exit
+    status 2."""
+    argv = list(sys.argv if argv is None else argv)
     try:
-        return body(list(sys.argv[1:] if argv is None else argv)) or 0
+        body(argv[1:])
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        sys.exit(2)

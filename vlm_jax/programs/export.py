@@ -193,16 +193,15 @@ def _parse(argv: Sequence[str]):
     return p.parse_args(argv)
 
 
-def _main(argv: Sequence[str]) -> int:
+def _main(argv: Sequence[str]) -> None:
     args = _parse(argv)
     if not pathlib.Path(args.workdir).is_dir():
         raise UserError(f"--workdir={args.workdir} is not a directory")
     source = load_source(args.workdir, args.fit)
     files = export(source, args.out, args.format)
     print(f"exported {source.method} from {args.workdir} to {args.out}: {', '.join(files)}")
-    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vlm-jax export` (argv: the arguments after the subcommand); returns the exit status."""
-    return argv_lib.run(_main, argv)
+def main(argv: Sequence[str] | None = None) -> None:
+    """`vlm-jax export`: argv[0] is the program name ('vlm-jax export'), the flags follow; errors exit 2."""
+    argv_lib.run(_main, argv)

@@ -277,7 +277,7 @@ def _mesh_arg(text: str) -> dict[str, int]:
         raise UserError(f"--mesh={text!r}: expected data=N,fsdp=N,tensor=N") from None
 
 
-def _main(argv: Sequence[str]) -> int:
+def _main(argv: Sequence[str]) -> None:
     fv = _flags(argv)
     config = fv.config
     _check_program(config)  # before resolving (perhaps writing) the checkpoint
@@ -286,9 +286,8 @@ def _main(argv: Sequence[str]) -> int:
     plan = make_plan(config, ckpt, mesh_shape)
     print(plan.table())
     print(check_fits(plan, fv.device_memory_gb))
-    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vlm-jax plan` (argv: the arguments after the subcommand); returns the exit status."""
-    return argv_lib.run(_main, argv)
+def main(argv: Sequence[str] | None = None) -> None:
+    """`vlm-jax plan`: argv[0] is the program name ('vlm-jax plan'), the flags follow; errors exit 2."""
+    argv_lib.run(_main, argv)
