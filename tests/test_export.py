@@ -136,3 +136,26 @@ def test_what_each_program_exports():
     source = export.Source(method="fewshot_clip", checkpoint="c", trained=trees)
     (what,) = export._describe(source, list(source.trained)).values()
     assert what.startswith("dualadapter_f-4shot-seed1: few-shot CLIP adapter")
+
+
+def test_source_from_a_loaded_run(tmp_path):
+    from types import SimpleNamespace as NS
+
+    import ml_collections
+
+    from vlm_jax.programs import export
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (ckpt / name).write_text("{}")
+    config = ml_collections.ConfigDict({"model": {"checkpoint": "llava-hf/llava-1.5-7b-hf"},
+                                        "method": {"lora_rank": 4, "lora_alpha": 8.0}})
+    loaded = NS(run=NS(program="vladva", workdir="/w", config=config), checkpoints={"model": str(ckpt)},
+                model="M", base="B", fits={"vladva": NS(params={"lora": {"x": 1}, "image_prompt": 2})})
+    source = export.source_from_run(loaded)
+    # The hub id, not the cache path, names the base; the merged export gets the tokenizer, not the weights.
+    assert (source.checkpoint, source.lora_rank, source.lora_alpha) == ("llava-hf/llava-1.5-7b-hf", 4, 8.0)
+    assert list(source.extra_files) == ["tokenizer.json"] and source.model == "M"
+    config.model.checkpoint = "replica:llava-1.5"
+    assert export.source_from_run(loaded).checkpoint == str(ckpt)

@@ -168,10 +168,19 @@ def source_from_run(loaded, fit: str | None = None) -> Source:
     lora = bool(trees.get("lora"))
     mc = run.config.method if lora else None
     lvlm = run.program in ("vladva", "vitask")
-    return Source(method=run.program, checkpoint=loaded.checkpoints["model"], trained=trees,
+    resolved = loaded.checkpoints["model"]
+    return Source(method=run.program, checkpoint=_base_name(run.config.model.checkpoint, resolved), trained=trees,
                   model=loaded.model if lvlm else None, base=loaded.base if lvlm else None,
                   lora_rank=int(mc.lora_rank) if lora else None, lora_alpha=float(mc.lora_alpha) if lora else None,
-                  extra_files=_tokenizer_files(loaded.checkpoints["model"]) if lvlm else None)
+                  extra_files=_tokenizer_files(resolved) if lvlm else None)
+
+
+def _base_name(spec: str, resolved: str) -> str:
+    """What base_model_name_or_path says: the config's hub id or directory (portable: `from_pretrained` finds a hub
+    id anywhere), the written directory for an offline replica (no hub id to name)."""
+    from vlm_jax.testing import replicas
+
+    return resolved if replicas.is_offline_spec(spec) else spec
 
 
 def _tokenizer_files(ckpt: str) -> dict[str, bytes]:
