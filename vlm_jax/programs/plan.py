@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,6 @@ from vlm_jax.runtime import mesh as mesh_lib
 
 GiB = 1024 ** 3
 PLANNED = ("vladva",)
-ADAM_MOMENTS = {"adam": 2, "adamw": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +171,16 @@ def trainable_elements(tree, labels: Mapping[str, Any], base_shards: Mapping[str
                for k, mult in labels.items() if mult is not None)
 
 
+def optimizer_moments(name: str, momentum) -> int:
+    """float32 state tensors per trainable tensor of the trainer's optimizers (Adam: mu and nu; SGD: the momentum
+    trace when momentum is set)."""
+    if name in ("adam", "adamw"):
+        return 2
+    if name == "sgd":
+        return 1 if momentum else 0
+    raise UserError(f"unknown optimizer train.optim.name={name!r}: use 'adamw', 'adam' or 'sgd'")
+
+
 def _check_program(config):
     if config.program not in PLANNED:
         raise UserError(f"plan supports the {', '.join(PLANNED)} program(s) so far, not {config.program!r}")
@@ -205,13 +213,14 @@ def make_plan(config, ckpt: str, mesh_shape: Mapping[str, int]) -> Plan:
     n = trainable_elements(tree, trainer.param_labels(tree, [tuple(g) for g in tc.param_groups]), shards)
     if not n:
         raise UserError(f"train.param_groups {list(map(tuple, tc.param_groups))} select no parameter: nothing trains")
-    optim = tc.optim.get("name", "adamw")
-    moments = ADAM_MOMENTS.get(optim, 1 if tc.optim.get("momentum") else 0)
+    optim = tc.optim.get("name", "adamw")  # the trainer's default (trainer.make_optimizer)
+    moments = optimizer_moments(optim, tc.optim.get("momentum"))
     rows["trainable (f32)"] = 4 * n
     rows[f"optimizer ({optim})"] = 4 * n * moments
     rows["gradients (f32)"] = 4 * n
     rows["activations (est.)"], notes = activation_bytes(cfg, config, mesh_shape, prompt_tokens)
-    notes.append(f"soft prompts counted at <= {prompt_tokens} tokens each (one per character)")
+    notes.append(f"soft prompts counted at <= {prompt_tokens} tokens each (one per character); attention "
+                 f"probabilities counted as the dense attention keeps them")
     return Plan(rows=rows, mesh=dict(mesh_shape), notes=notes)
 
 
