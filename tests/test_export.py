@@ -131,8 +131,9 @@ def test_what_each_program_exports():
         export.trained_trees("vladva", {"x": fit()}, "/w")
     with pytest.raises(UserError, match="training-free"):
         export.trained_trees("fewshot_clip", {}, "/w")
-    few = {"dualadapter_f-4shot-seed1": fit(adapter={"res_keys": 1})}
+    few = {"dualadapter_f-4shot-seed1": fit(adapter={"res_keys": 1}), "dualadapter_f-4shot-seed1-cv0": fit()}
     trees = export.trained_trees("fewshot_clip", few, "/w")
+    assert list(trees) == ["dualadapter_f-4shot-seed1"]  # not the cross-validation folds
     source = export.Source(method="fewshot_clip", checkpoint="c", trained=trees)
     (what,) = export._describe(source, list(source.trained)).values()
     assert what.startswith("dualadapter_f-4shot-seed1: few-shot CLIP adapter")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -144,7 +145,8 @@ def trained_trees(program: str, fits: Mapping[str, Any], workdir: str, fit: str 
 
     vladva: the 'vladva' fit ({'lora', 'image_prompt', 'text_prompt'[, 'log_temperature']}). vitask: the final
     model, i.e. stage 2's LoRA (stage 1's when stage 2 did not train) with stage 1's connector, and the 'tsm'
-    classifier the exemplars come from. fewshot_clip: every fit (one per method, shots and seed), by its name.
+    classifier the exemplars come from. fewshot_clip: every fit that made a table row (one per method, shots, seed
+    and protocol), by its name; not the realistic protocol's cross-validation folds.
     `fit` picks one fit by name instead.
     """
     if fit is not None:
@@ -158,7 +160,8 @@ def trained_trees(program: str, fits: Mapping[str, Any], workdir: str, fit: str 
     if not fits:
         raise UserError(f"{workdir} keeps no trained tensors: its training-free methods (zero-shot, Tip-Adapter, "
                         f"DualAdapter) are rebuilt from the config; only the fine-tuned ones (-F) are exported")
-    return {name: f.params for name, f in fits.items()}
+    # '-cv<k>' fits are the realistic protocol's cross-validation folds: trainings that only chose hyperparameters.
+    return {name: f.params for name, f in fits.items() if not re.search(r"-cv\d+$", name)}
 
 
 def source_from_run(loaded, fit: str | None = None) -> Source:
