@@ -115,6 +115,9 @@ def get_config(arg=None):
     # 'selection' (the accuracy the epoch is chosen on, today's per-epoch val) or 'test'; run every_steps steps
     # and after the last, written as <fit>/<name>/accuracy. Empty: the per-epoch selection only.
     c.evals = {}
+    # wandb: a Weights & Biases project to log to besides metrics.jsonl and TensorBoard ('' = none; needs the
+    # [wandb] extra; WANDB_MODE=offline logs without an account).
+    c.log = dict(wandb="")
     c.train = dict(resume="check")   # 'force': resume a workdir whose config.json differs (runtime/workdir.py)
     c.rng_seed = 0
 

@@ -81,6 +81,9 @@ def get_config(arg=None):
     # (logical axis, mesh axis or None) pairs that replace those entries of runtime/mesh.DEFAULT_RULES, e.g.
     # (("mlp", None),) to keep the MLPs whole on a tensor-parallel mesh.
     c.mesh_rules = ()
+    # wandb: a Weights & Biases project to log to besides metrics.jsonl and TensorBoard ('' = none; needs the
+    # [wandb] extra; WANDB_MODE=offline logs without an account).
+    c.log = dict(wandb="")
 
     if arg.runlocal:
         # llava-1.5-7b-hf's structure (576 image tokens) at tiny widths, random weights with selective attention

@@ -74,6 +74,9 @@ def get_config(arg=None):
     # zero-shot suite of the results table, on the model being trained), run every_steps steps and after the
     # last, written as vladva/<name>/<metric>. Empty: the suite runs once, after training (the table).
     c.evals = {}
+    # wandb: a Weights & Biases project to log to besides metrics.jsonl and TensorBoard ('' = none; needs the
+    # [wandb] extra; WANDB_MODE=offline logs without an account).
+    c.log = dict(wandb="")
 
     if arg.runlocal:
         c.model.checkpoint = "replica:llava-1.5"  # llava-1.5-7b-hf's structure (576 image tokens), tiny widths

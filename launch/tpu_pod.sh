@@ -7,7 +7,7 @@
 # Every argument goes to main.py unchanged, on every worker. Steps (each can be skipped, see below):
 #   1. sync: this checkout (tracked and untracked-but-not-ignored files, no .git) is copied to ~/$REPO_DIR
 #      on all workers;
-#   2. install: `pip install -e .` plus jax[tpu] on all workers;
+#   2. install: `pip install -e '.[tpu]'` (pyproject's [tpu] extra: jax[tpu] in pyproject's jax range) on all workers;
 #   3. run: `python3 launch/main.py --distributed=on ARGS` on all workers at once. jax.distributed.initialize()
 #      finds the coordinator and the process ids from the TPU metadata; every host runs the same program.
 #
@@ -18,7 +18,7 @@
 #   TPU_NAME, ZONE  (required)      the TPU VM and its zone; PROJECT optional (else gcloud's default)
 #   REPO_DIR=vlm_jax                where the checkout goes on the workers (relative to the home directory)
 #   SYNC=1 INSTALL=1                set to 0 to skip a step (e.g. INSTALL=0 for a second run)
-#   JAX_TPU_SPEC="jax[tpu]"         what pip installs for the TPU runtime (pin it to match pyproject's jax)
+#   EXTRAS=tpu                      the pyproject extras to install (e.g. EXTRAS=tpu,tfds,wandb)
 #   DETACH=0                        1: start the run under nohup (log in ~/$REPO_DIR/run.log on each worker)
 #                                   and return; otherwise stream every worker's output until it ends
 set -euo pipefail
@@ -29,7 +29,7 @@ REPO_DIR="${REPO_DIR:-vlm_jax}"
 SYNC="${SYNC:-1}"
 INSTALL="${INSTALL:-1}"
 DETACH="${DETACH:-0}"
-JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]}"
+EXTRAS="${EXTRAS:-tpu}"
 if [[ $# -eq 0 ]]; then
   echo "usage: TPU_NAME=... ZONE=... $0 --config=configs/<method>.py[:args] --workdir=DIR [--config.a.b=v ...]" >&2
   exit 2
@@ -56,7 +56,7 @@ fi
 if [[ "$INSTALL" == 1 ]]; then
   echo "installing on every worker"
   gcloud_tpu ssh "$TPU_NAME" --command="cd ~/$REPO_DIR && python3 -m pip install -q -U pip \
-    && python3 -m pip install -q -e . '$JAX_TPU_SPEC' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+    && python3 -m pip install -q -e '.[$EXTRAS]' -c constraints.txt -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 fi
 
 # Every argument, quoted for the remote shell.

@@ -93,3 +93,12 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         return next((i for i, key in enumerate(_FIRST) if key in item.nodeid), len(_FIRST))
     items.sort(key=rank)  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def llava15_replica(tmp_path_factory):
+    """The llava-1.5 replica's directory (real structure, tiny widths; written once per session, ~10 s): the
+    export and plan tests' checkpoint."""
+    from vlm_jax.testing import replicas
+
+    return replicas.write_replica("llava-1.5", tmp_path_factory.mktemp("replica") / "llava-1.5")

@@ -260,3 +260,32 @@ def test_internvl2_2b_parameter_count():
     assert ours == sum(p.numel() for p in hf.parameters())
     assert 2.15e9 < ours < 2.25e9
     assert model.cfg.tokens_per_tile == 256 and model.cfg.text.rope_type == "dynamic"
+
+
+@pytest.mark.parametrize("hf_internvl", ["layernorm_qwen2"], indirect=True)  # one config: the LoRA compile costs
+def test_peft_adapter_export_matches_hf(hf_internvl, tmp_path):
+    """LoRA exported as a PEFT adapter (convert/adapters.py) and loaded by `peft` onto the HF model gives our LoRA
+    model's logits: the in-memory module names of InternVLForConditionalGeneration are right."""
+    import copy
+
+    peft_lib = pytest.importorskip("peft")
+    from vlm_jax.convert import adapters
+    from vlm_jax.methods import vladva
+    from vlm_jax.models import peft
+    from vlm_jax.testing import common
+
+    _, hf, _, model, params = hf_internvl
+    lora = common.random_lora(params, vladva.LORA_TARGETS, rank=2, seed=1, std=0.1)
+    out = adapters.write_peft_adapter(tmp_path / "adapter", model, lora, rank=2, alpha=4.0, base_model="base")
+    t = model.cfg.tokens_per_tile
+    ids, mask = _left_padded([[1, 5] + [IMG] * t + [7, 8], [1, 9, 3] + [IMG] * t + [10]])
+    pixels = np.random.default_rng(1).normal(size=(2, 28, 28, 3)).astype(np.float32)
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    adapted = peft_lib.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()  # a copy: the fixture stays plain
+    with torch.no_grad():
+        ref = adapted(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=_nchw(pixels),
+                      position_ids=torch.tensor(pos)).logits.numpy()
+    ours = jax.jit(peft.LoraModel(model, alpha=4.0, rank=2).apply)({"params": {"base": params, "lora": lora}},
+                                                          ids.astype(np.int32), mask.astype(np.int32), pixels)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], ref[real], atol=1e-4, rtol=0)

@@ -249,3 +249,29 @@ def test_real_2b_param_count_without_memory():
     print(f"Qwen2-VL-2B: {ours:,} parameters ({vision:,} in the vision tower)")
     assert model.cfg.text.mrope_section == (16, 24, 24) and model.cfg.text.head_dim == 128
     assert ours == QWEN2_VL_2B_PARAMS
+
+
+@pytest.mark.parametrize("hf_qwen2_vl", ["gqa_tied"], indirect=True)  # one config: the LoRA compile costs
+def test_peft_adapter_export_matches_hf(hf_qwen2_vl, tmp_path):
+    """LoRA exported as a PEFT adapter (convert/adapters.py) and loaded by `peft` onto the HF model gives our LoRA
+    model's logits: the in-memory module names of Qwen2VLForConditionalGeneration are right."""
+    import copy
+
+    peft_lib = pytest.importorskip("peft")
+    from vlm_jax.convert import adapters
+    from vlm_jax.methods import vladva
+    from vlm_jax.models import peft
+    from vlm_jax.testing import common
+
+    _, hf, _, model, params = hf_qwen2_vl
+    lora = common.random_lora(params, vladva.LORA_TARGETS, rank=2, seed=1, std=0.1)
+    out = adapters.write_peft_adapter(tmp_path / "adapter", model, lora, rank=2, alpha=4.0, base_model="base")
+    ids, mask, pixels = _batch(model.cfg, np.random.default_rng(1))
+    adapted = peft_lib.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()  # a copy: the fixture stays plain
+    with torch.no_grad():
+        ref = adapted(**_hf_inputs(ids, mask, pixels)).logits.numpy()
+    ours = jax.jit(peft.LoraModel(model, alpha=4.0, rank=2).apply)(
+        {"params": {"base": params, "lora": lora}}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+        jnp.asarray(pixels), jnp.asarray(GRIDS, jnp.int32))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], ref[real], atol=1e-4, rtol=0)

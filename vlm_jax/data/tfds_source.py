@@ -65,13 +65,20 @@ class TfdsExamples(Sequence):
         return out
 
 
+def _tfds():
+    """tensorflow_datasets, or a one-line error naming the [tfds] extra."""
+    from vlm_jax.errors import import_extra
+
+    return import_extra("tensorflow_datasets", "tfds", "TFDS datasets (data.name='tfds:...')")
+
+
 def _howto(name: str, data_dir: str) -> str:
     return f"prepare it with `tfds build {name} --data_dir={data_dir} --file_format=array_record`"
 
 
 def _prepared_builder(name: str, data_dir: str | os.PathLike | None):
     """The TFDS builder of a dataset prepared as array_record in data_dir; else a one-line `DatasetError`."""
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     shown_dir = os.fspath(data_dir) if data_dir is not None else "~/tensorflow_datasets"
     try:
@@ -116,7 +123,7 @@ def tfds_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
       DatasetError: the dataset is not prepared in data_dir, is stored as tfrecord (needs TensorFlow), or
         lacks the requested split or features.
     """
-    import tensorflow_datasets as tfds  # local: importing tfds costs ~0.5 s and only this path needs it.
+    tfds = _tfds()  # local: importing tfds costs ~0.5 s and only this path needs it.
 
     builder = _prepared_builder(name, data_dir)
     features = builder.info.features
@@ -216,7 +223,7 @@ def _texts(value) -> list[str]:
 
 def _caption_source(name, data_dir, split, image_key, caption_keys):
     """(data source with image decoding skipped, where) after checking split and feature keys."""
-    import tensorflow_datasets as tfds
+    tfds = _tfds()
 
     builder = _prepared_builder(name, data_dir)
     available_keys = _feature_keys(builder.info.features)

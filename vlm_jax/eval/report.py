@@ -85,6 +85,13 @@ def protocols_table(summaries: Mapping[str, Mapping[str, Mapping[int, Mapping[st
     return "\n".join(lines) + "\n"
 
 
+def require_plotting():
+    """matplotlib, or a one-line error naming the [viz] extra (call it before a sweep, not after)."""
+    from vlm_jax.errors import import_extra
+
+    return import_extra("matplotlib", "viz", "the sweep's accuracy-vs-shots plot")
+
+
 def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, title: str = "",
          realistic: Mapping[str, Mapping[int, Mapping[str, float]]] | None = None,
          display: Mapping[str, str] | None = None) -> None:
@@ -96,7 +103,7 @@ def plot(summary: Mapping[str, Mapping[int, Mapping[str, float]]], path: str, ti
     display = display or {}
     if not _is_primary():
         return
-    import matplotlib
+    matplotlib = require_plotting()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -213,9 +213,8 @@ def predict_features(bb: Backbone, paths, dc) -> dict[str, np.ndarray]:
     return {"features": feats.l2_normalize(f)}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`; with `predict`
-    (image paths) returns their logits instead (`predict_features`)."""
+def check_values(config: ml_collections.ConfigDict) -> tuple[list[str], list[tuple[int, int]]]:
+    """(methods, [(shots, seed)] runs) of the config, its names and ranges checked: one line, before any work."""
     dc = config.data
     methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     unknown = set(methods) - set(fewshot_registry.names())
@@ -224,6 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...
                                f"{', '.join(fewshot_registry.names())}")
     runs = ([(s, r) for s in config.sweep.shots for r in config.sweep.seeds] if config.sweep.enabled
             else [(dc.shots, dc.seed)])
+    if len(runs) > 1:
+        report.require_plotting()  # the sweep ends with a plot: a missing extra is said now, not after the runs
     for s, _ in runs:  # shots <= 0 (or 1.5): one line, before anything is written
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise errors.UserError(f"shots must be a whole number >= 1, got {s!r} (config argument shots=, "
@@ -233,6 +234,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...
         if m in config:
             minimums.update({f"{m}.train.epochs": 1, f"{m}.train.batch_size": 1})
     config_utils.check_ranges(config, {k: v for k, v in minimums.items() if _has(config, k)})
+    return methods, runs
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Runs the config (one (shots, seed), or the sweep) and writes the results into `workdir`; with `predict`
+    (image paths) returns their logits instead (`predict_features`)."""
+    dc = config.data
+    methods, runs = check_values(config)
     cache_dir = config.feature_cache_dir or os.path.join(workdir, "features")
 
     # Everything a user can get wrong is checked before the workdir gets a result.
@@ -261,7 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, predict: tuple[str, ...
     logging.info("mesh %s on %d devices; checkpoint %s; dataset %s (%d classes)", dict(mesh.shape),
                  len(jax.devices()), ckpt, ds.name, len(ds.classnames))
     bb = Backbone(ckpt, config.model.dtype, mesh, rules)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter.for_run(workdir, config)
     rng = jax.random.key(config.rng_seed)
 
     text = text_features(bb, ds, dc, template_sets, cache_dir)

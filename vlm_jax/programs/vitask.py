@@ -362,7 +362,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     task, train, test = inp.task, inp.task.train, inp.task.test
     workdir_lib.prepare(workdir, config)   # config.json; refuses a changed config on a resumed workdir
     mesh, rules = runner.make_mesh(config)   # config.mesh, config.mesh_rules
-    writer = MetricWriter(workdir)
+    writer = MetricWriter.for_run(workdir, config)
     rng = jax.random.key(config.rng_seed)
     for key, c in (("tsm", config.tsm), ("train", config.train)):   # fail before any training, not between stages
         runner.accum_steps(c, runner.batch_size(c.batch_size, len(train), mesh), mesh, key)

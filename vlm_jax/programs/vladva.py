@@ -356,7 +356,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return pairs.train_batch(tokens, images, [split[j][0] for j in idx], [split[j][1] for j in idx])
     epoch_batches = runner.epoch_batches(n, bs, [config.rng_seed], make_batch, mesh=mesh)
 
-    writer = MetricWriter(workdir)
+    writer = MetricWriter.for_run(workdir, config)
     fit = trainer.fit(loss_fn=loss_fn, params=params, param_groups=[tuple(g) for g in tc.param_groups],
                       optim=tc.optim.to_dict(), num_epochs=tc.epochs, steps_per_epoch=steps_per_epoch,
                       epoch_batches=epoch_batches, mesh=mesh, rng=rng, workdir=workdir, writer=writer,

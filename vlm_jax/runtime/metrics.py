@@ -1,11 +1,17 @@
-"""Metrics to the workdir (metrics.jsonl + TensorBoard events) and a progress line with steps/s and ETA.
+"""Metrics to the workdir (metrics.jsonl + TensorBoard events, optionally Weights & Biases) and a progress line
+with steps/s and ETA.
 
 clu's writers and `ReportProgress` import TensorFlow, which vlm_jax does not otherwise need; so the
 events go through tensorboardX and the progress line is the few lines below.
+
+W&B (`--config.log.wandb=PROJECT`, the [wandb] extra): one W&B run per workdir, its id derived from the workdir's
+path so that a resumed run (the same command again) continues the same W&B run; its files go to
+WORKDIR/wandb. WANDB_MODE=offline logs without an account (`wandb sync` uploads later).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -37,12 +43,24 @@ class MetricWriter:
     Only process 0 writes, so a multi-host run has one metrics file.
     """
 
-    def __init__(self, workdir: str | None, *, tensorboard: bool = True):
+    def __init__(self, workdir: str | None, *, tensorboard: bool = True, wandb_project: str = "",
+                 run_config: Mapping[str, Any] | None = None):
+        """Opens the writers.
+
+        Args:
+          workdir: where metrics.jsonl, tensorboard/ and wandb/ go; None writes nothing.
+          tensorboard: write TensorBoard events too.
+          wandb_project: W&B project name ('' = no W&B).
+          run_config: the run's config (a plain dict), recorded with the W&B run.
+        """
         self._active = workdir is not None and jax.process_index() == 0
         self._file = None
         self._tb = None
+        self._wandb = None
         if not self._active:
             return
+        if wandb_project:
+            self._wandb = _wandb_run(workdir, wandb_project, run_config)
         os.makedirs(workdir, exist_ok=True)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         if tensorboard:
@@ -51,6 +69,11 @@ class MetricWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # optional: JSONL is the source of truth
                 logging.warning("tensorboardX is not installed: writing metrics.jsonl only")
+
+    @classmethod
+    def for_run(cls, workdir: str | None, config) -> "MetricWriter":
+        """The writer of a program's run: TensorBoard, and W&B when `config.log.wandb` names a project."""
+        return cls(workdir, wandb_project=config.log.wandb, run_config=json.loads(config.to_json_best_effort()))
 
     def write(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
         if not self._active:
@@ -61,13 +84,33 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in row.items():
                 self._tb.add_scalar(tensorboard_tag(k), v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(row, step=int(step))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-        self._file = self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._file = self._tb = self._wandb = None
+
+
+def _wandb_run(workdir: str, project: str, run_config: Mapping[str, Any] | None):
+    """A W&B run for `workdir` (resumed if it exists); one-line UserErrors for a missing package or a failed start."""
+    from vlm_jax.errors import UserError, import_extra
+
+    wandb = import_extra("wandb", "wandb", f"--config.log.wandb={project}")
+    path = os.path.abspath(workdir)
+    try:
+        return wandb.init(project=project, name=os.path.basename(path.rstrip(os.sep)), dir=path,
+                          id=hashlib.sha1(path.encode()).hexdigest()[:16], resume="allow",
+                          config=dict(run_config or {}), reinit="finish_previous")
+    except Exception as e:  # noqa: BLE001 - wandb raises its own errors (no API key, network, bad project)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"W&B could not start a run in project {project!r} ({first}); run `wandb login`, or set "
+                        f"WANDB_MODE=offline to log locally (upload later with `wandb sync`)") from None
 
 
 class Progress:

@@ -38,6 +38,7 @@ RESUME_EXEMPT = (
     "*checkpoint_every_steps",          # how often the state is saved, not what it is
     "feature_cache_dir", "*root", "*_data_dir",   # where inputs live, not what they are
     "methods",                          # which fewshot_clip methods run: each has its own checkpoints
+    "log.*",                            # where metrics are logged besides the workdir (W&B)
     # Evaluation only: nothing that is trained depends on these.
     "evals", "evals.*",
     "data.extra_test", "data.test_limit", "data.eval_batch_size", "method.eval_mode", "clip_checkpoint",

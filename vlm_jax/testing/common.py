@@ -61,3 +61,24 @@ def qwen2_bpe(corpus, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, 
     state = json.loads(bpe.to_str())["model"]
     return state["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
 
+
+
+def random_lora(params, targets, rank: int, seed: int, std: float = 0.05) -> dict:
+    """Random numpy LoRA pairs in `peft.lora_init`'s tree ({kernel path: {'a': f32[in, r], 'b': f32[r, out]}}),
+    both halves non-zero (an untrained B = 0 would make any export mapping look right), without a compile."""
+    import math
+
+    import numpy as np
+    from flax import traverse_util
+
+    from vlm_jax.models import peft
+
+    flat = peft._flat(params)
+    rng = np.random.default_rng(seed)
+    pairs = {}
+    for path, n_in in peft.lora_targets(params, targets).items():
+        shape = tuple(flat[path].shape)
+        d_in, d_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+        pairs[path] = {"a": (std * rng.standard_normal((d_in, rank))).astype(np.float32),
+                       "b": (std * rng.standard_normal((rank, d_out))).astype(np.float32)}
+    return traverse_util.unflatten_dict(pairs)
