@@ -81,13 +81,15 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
-    """`DEFAULT_RULES` with a config's (logical axis, mesh axis | [mesh axes] | None) pairs replacing their
-    entries (`config.mesh_rules`: a config names only what it changes; None or empty: the defaults).
+    """A config's (logical axis, mesh axis | [mesh axes] | None) pairs first, in their order, then the entries of
+    `DEFAULT_RULES` they do not name (`config.mesh_rules`: a config names only what it changes; None or empty:
+    the defaults). First because flax gives a mesh axis to the first rule that claims it: a config's
+    ('layers', 'fsdp') must win over the default ('embed', 'fsdp') on a scanned kernel [layers, embed, mlp].
 
     Raises:
       UserError: one line for an unknown logical axis, an unknown mesh axis, or an entry that is not a pair.
     """
-    table = dict(DEFAULT_RULES)
+    table, given = dict(DEFAULT_RULES), {}
     for rule in rules or ():
         if isinstance(rule, str) or len(rule) != 2:
             raise errors.UserError(f"mesh_rules: each rule is a (logical axis, mesh axis or None) pair, got {rule!r}")
@@ -99,8 +101,8 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
         if bad:
             raise errors.UserError(f"mesh_rules: {name!r} -> unknown mesh axis {bad[0]!r}; the mesh axes are "
                                    f"{', '.join(MESH_AXES)} (or None: replicated)")
-        table[name] = axis
-    return tuple(table.items())
+        given[name] = axis
+    return tuple(given.items()) + tuple((k, v) for k, v in DEFAULT_RULES if k not in given)
 
 
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
