@@ -81,6 +81,34 @@ def test_runlocal_trains_and_evaluates(tmp_path, optimized_env):
         assert {"sugarcrepe/replace_obj", "winoground/group", "classification/accuracy"} <= set(row)
     md = (tmp_path / "run" / "results.md").read_text()
     assert "VladVA" in md and all(f"{d} R@{k}" in md for d in ("T2I", "I2T") for k in (1, 5, 10))
+    _exports_load_in_hf(tmp_path, env)
+
+
+def _exports_load_in_hf(tmp_path, env):
+    """`vlm-jax export` of the trained workdir: the PEFT adapter, applied to the HF base by the peft library, gives
+    the logits of the merged checkpoint transformers loads alone; the trained soft prompts come out as arrays."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    for fmt in ("peft", "merged"):
+        proc = subprocess.run([sys.executable, "-m", "vlm_jax.cli", "export", f"--workdir={tmp_path / 'run'}",
+                               f"--out={tmp_path / fmt}", f"--format={fmt}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    base_dir = json.load(open(tmp_path / "peft" / "adapter_config.json"))["base_model_name_or_path"]
+    ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
+    with torch.no_grad():
+        base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+        plain = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()(input_ids=ids).logits
+        merged = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()(
+            input_ids=ids).logits
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)
+    assert (adapted - plain).abs().max() > 1e-3          # the trained LoRA moved the logits
+    arrays = load_file(str(tmp_path / "peft" / "arrays.safetensors"))
+    assert {k.split("/")[0] for k in arrays} >= {"image_prompt", "text_prompt"}
 
 
 def test_long_captions_capped_at_long_caption_max_tokens(tokens):
