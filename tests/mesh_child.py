@@ -56,14 +56,20 @@ def _llava():
 
 
 def _family(kind):
-    """A tiny random InternVL (InternViT 56 px tiles of 14 px patches -> 4 tokens, Llama LM) or Qwen2-VL
-    (56 px images -> 16 patches -> 4 merged tokens, Qwen2 LM with M-RoPE), built in-process, 1 layer each.
+    """The tiny LLaVA of `_llava`, or a tiny random InternVL (InternViT 56 px tiles of 14 px patches -> 4 tokens,
+    Llama LM) or Qwen2-VL (56 px images -> 16 patches -> 4 merged tokens, Qwen2 LM with M-RoPE), built in-process,
+    1 layer each.
 
     Returns:
       (model, params, the image token run of one image, vision(rng) -> one batch's vision arrays by HF name).
     """
     from vlm_jax.models import internvl as internvl_lib
     from vlm_jax.models import qwen2_vl as qwen2_vl_lib
+
+    if kind == "llava":
+        model, params = _llava()
+        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32)}
+        return model, params, [IMAGE_TOKEN] * model.cfg.tokens_per_image, vision
 
     text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2, max_position_embeddings=128)
@@ -134,12 +140,7 @@ def setup_tsm(rng):
 
 
 def setup_vladva(rng, family="llava"):
-    if family == "llava":
-        model, base = _llava()
-        run = [IMAGE_TOKEN] * model.cfg.tokens_per_image
-        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32)}
-    else:
-        model, base, run, vision = _family(family)
+    model, base, run, vision = _family(family)
     t = len(run)
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
     img_prompt, txt_prompt = [30, 31, 32], [40, 41]
@@ -167,12 +168,7 @@ def setup_vladva(rng, family="llava"):
 
 
 def setup_vitask(rng, family="llava"):
-    if family == "llava":
-        model, base = _llava()
-        run = [IMAGE_TOKEN] * model.cfg.tokens_per_image
-        vision = lambda rng: {"pixel_values": rng.normal(size=(B, 16, 16, 3)).astype(np.float32)}
-    else:
-        model, base, run, vision = _family(family)
+    model, base, run, vision = _family(family)
     connector = vitask.ExemplarConnector(out_dim=32)
     conn = jax.device_get(connector.init(jax.random.key(2), jnp.zeros((1, 24)))["params"])
     params = {"base": base, "lora": peft.lora_init(base, jax.random.key(1), targets=disc.LORA_TARGETS, rank=4),
