@@ -15,13 +15,15 @@ requested mesh:
                     not a measurement; XLA's fusion and rematerialisation move it either way.
 
 The run is refused, in one line, when the sum exceeds --device_memory_gb or the memory the first device reports
-(GPU / TPU; a CPU reports none). Plans the LLaVA family of the discriminative fine-tuning program (vladva).
+(GPU / TPU; a CPU reports none). Programs: vladva and vitask on every LVLM family (llava, internvl, qwen2_vl),
+fewshot_clip on every dual encoder; the per-program planners are in `plan_programs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +36,7 @@ from vlm_jax.programs import argv as argv_lib
 from vlm_jax.runtime import mesh as mesh_lib
 
 GiB = 1024 ** 3
-PLANNED = ("vladva",)
+PLANNED = ("vladva", "vitask", "fewshot_clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +53,12 @@ class Plan:
 
     def table(self) -> str:
         lines = [f"memory per device on mesh {self.mesh} ({math.prod(self.mesh.values())} devices):"]
-        lines += [f"  {name:<20}{_gib(b):>14}" for name, b in self.rows.items()]
-        lines += [f"  {'total':<20}{_gib(self.total):>14}"] + [f"  note: {n}" for n in self.notes]
+        lines += [f"  {name:<20}{gib(b):>14}" for name, b in self.rows.items()]
+        lines += [f"  {'total':<20}{gib(self.total):>14}"] + [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def _gib(b: int) -> str:
+def gib(b: int) -> str:
     return f"{b / GiB:.3f} GiB" if b >= GiB // 10 else f"{b / 2 ** 20:.3f} MiB"
 
 
@@ -122,43 +124,11 @@ def lora_shapes(abstract_base, targets, rank: int) -> dict:
                                          for p, n in chosen.items()})
 
 
-def _layer_elements(tokens: int, width: int, mlp: int, heads: int, kv_width: int, tensor: int) -> int:
+def layer_elements(tokens: int, width: int, mlp: int, heads: int, kv_width: int, tensor: int) -> int:
     """Elements one pre-norm transformer layer keeps for backward per sequence of `tokens`: the norms' inputs and
     outputs and the attention output (6 D), q, k, v (D + 2 Dkv), the MLP's gate, up and product (3 F), the
     softmax probabilities (H L, dense attention). Heads and MLP split over the 'tensor' axis."""
     return tokens * (6 * width + (width + 2 * kv_width + 3 * mlp + heads * tokens) // tensor)
-
-
-def activation_bytes(cfg, config, mesh_shape: Mapping[str, int], prompt_tokens: int) -> tuple[int, list[str]]:
-    """Analytic activation estimate of one vladva train step per device (see the module doc).
-
-    Args:
-      cfg: the LlavaConfig.
-      config: the run's ConfigDict.
-      mesh_shape: mesh axis sizes.
-      prompt_tokens: an upper bound on the image / text prompt lengths in tokens.
-
-    Returns:
-      (bytes, notes on the sequence lengths and batch used).
-    """
-    t, v, dc, tc = cfg.text, cfg.vision, config.data, config.train
-    rows = mesh_shape["data"] * mesh_shape["fsdp"]
-    b = max(1, math.ceil(tc.batch_size / rows / max(1, tc.grad_cache_chunks)))
-    image_len = cfg.tokens_per_image + prompt_tokens
-    long_len = dc.long_len or image_len + dc.long_caption_max_tokens
-    itemsize = jnp.dtype(config.model.dtype).itemsize
-    kv = t.num_kv_heads * t.head_dim
-    lm = sum(_layer_elements(n, t.hidden_size, t.intermediate_size, t.num_heads, kv, mesh_shape["tensor"])
-             for n in (image_len, dc.text_len, long_len)) * t.num_layers
-    patches = (v.image_size // v.patch_size) ** 2 + 1
-    tower = 2 * v.num_layers * _layer_elements(patches, v.hidden_size, v.intermediate_size, v.num_heads,
-                                               v.hidden_size, mesh_shape["tensor"])
-    # NTP: float32 logits of the long rows and their softmax gradient.
-    logits = 2 * 4 * long_len * t.vocab_size // mesh_shape["tensor"]
-    total = b * ((lm + tower) * itemsize + logits)
-    chunks = f", grad_cache_chunks {tc.grad_cache_chunks}" if tc.grad_cache_chunks > 1 else ""
-    return total, [f"activations for {b} rows per device (batch {tc.batch_size} over {rows} data-parallel devices"
-                   f"{chunks}) of {image_len} image+prompt, {dc.text_len} text and {long_len} long tokens"]
 
 
 def trainable_elements(tree, labels: Mapping[str, Any], base_shards: Mapping[str, tuple[int, int]]) -> int:
@@ -186,42 +156,19 @@ def _check_program(config):
         raise UserError(f"plan supports the {', '.join(PLANNED)} program(s) so far, not {config.program!r}")
 
 
-def make_plan(config, ckpt: str, mesh_shape: Mapping[str, int]) -> Plan:
-    """The per-device memory plan of `config` (a vladva run) on `mesh_shape`, from `ckpt`'s config.json only."""
-    import flax.linen as nn
+def make_plan(config, ckpt: str | None, mesh_shape: Mapping[str, int]) -> Plan:
+    """The per-device memory plan of `config` on `mesh_shape` (`plan_programs`: one planner per program).
 
-    from vlm_jax.convert import llava as llava_convert
-    from vlm_jax.convert import loader, stream
-    from vlm_jax.models.llava import Llava
-    from vlm_jax.train import trainer
+    Args:
+      config: the run's ConfigDict (config.program picks the planner).
+      ckpt: the checkpoint directory of config.model.checkpoint (its config.json is all that is read); None:
+        resolved as the program resolves it (`checkpoint_config_dir`; vitask: `vitask.check_inputs`).
+      mesh_shape: the mesh axis sizes (`resolve_mesh`).
+    """
+    from vlm_jax.programs import plan_programs
 
     _check_program(config)
-    mc, tc, me = config.model, config.train, config.method
-    cfg = llava_convert.llava_config(loader.read_config(ckpt), where=ckpt)
-    model = Llava(cfg, dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.get("param_dtype") or mc.dtype))
-    abstract = stream.abstract_params(model)
-    shards = shard_sizes(abstract, mesh_shape)
-    rows = {"base params": sum(n * size for n, size in shards.values())}
-    # Soft prompts: a prompt has at most one token per character (ASCII prompts; SentencePiece/BPE pieces are >= 1).
-    prompt_tokens = max(len(me.image_prompt), len(me.text_prompt))
-    prompt = jax.ShapeDtypeStruct((prompt_tokens, cfg.text.hidden_size), jnp.float32)
-    base = nn.meta.unbox(abstract)
-    tree = {"base": base, "lora": lora_shapes(base, me.lora_targets, me.lora_rank), "image_prompt": prompt,
-            "text_prompt": prompt}
-    if me.learn_temperature:
-        tree["log_temperature"] = jax.ShapeDtypeStruct((), jnp.float32)
-    n = trainable_elements(tree, trainer.param_labels(tree, [tuple(g) for g in tc.param_groups]), shards)
-    if not n:
-        raise UserError(f"train.param_groups {list(map(tuple, tc.param_groups))} select no parameter: nothing trains")
-    optim = tc.optim.get("name", "adamw")  # the trainer's default (trainer.make_optimizer)
-    moments = optimizer_moments(optim, tc.optim.get("momentum"))
-    rows["trainable (f32)"] = 4 * n
-    rows[f"optimizer ({optim})"] = 4 * n * moments
-    rows["gradients (f32)"] = 4 * n
-    rows["activations (est.)"], notes = activation_bytes(cfg, config, mesh_shape, prompt_tokens)
-    notes.append(f"soft prompts counted at <= {prompt_tokens} tokens each (one per character); attention "
-                 f"probabilities counted as the dense attention keeps them")
-    return Plan(rows=rows, mesh=dict(mesh_shape), notes=notes)
+    return getattr(plan_programs, config.program)(config, ckpt, mesh_shape)
 
 
 def detected_memory() -> int | None:
@@ -237,10 +184,10 @@ def check_fits(plan: Plan, device_memory_gb: float | None) -> str:
     if limit is None:
         return "fits: unknown (this backend reports no device memory; pass --device_memory_gb=N)"
     if plan.total > limit:
-        raise UserError(f"the run needs {_gib(plan.total)} per device on mesh {plan.mesh} but {where} is "
-                        f"{_gib(limit)}: shard the params (--mesh=fsdp=N), lower train.batch_size, raise "
+        raise UserError(f"the run needs {gib(plan.total)} per device on mesh {plan.mesh} but {where} is "
+                        f"{gib(limit)}: shard the params (--mesh=fsdp=N), lower train.batch_size, raise "
                         f"train.grad_cache_chunks or use model.param_dtype=bfloat16")
-    return f"fits: {_gib(plan.total)} of {_gib(int(limit))} ({where})"
+    return f"fits: {gib(plan.total)} of {gib(int(limit))} ({where})"
 
 
 def _flags(argv: Sequence[str]):
@@ -270,8 +217,13 @@ def checkpoint_config_dir(spec: str) -> str:
     from vlm_jax.runtime import hub
     from vlm_jax.testing import replicas
 
+    from vlm_jax.convert import open_clip as open_clip_convert
+
     if replicas.is_offline_spec(spec):
         return runner.resolve_checkpoint(spec, None)
+    local = os.path.expanduser(spec)
+    if os.path.isdir(local) and open_clip_convert.is_open_clip_dir(local):
+        return local   # open_clip's layout: open_clip_config.json instead of config.json
     path = hub.resolve_checkpoint(spec, weights=False)
     if not (path / hub.CONFIG_NAME).is_file():
         raise UserError(f"{path} has no {hub.CONFIG_NAME}: plan needs the checkpoint's config.json (e.g. "
@@ -291,8 +243,7 @@ def _main(argv: Sequence[str]) -> None:
     config = fv.config
     _check_program(config)  # before resolving (perhaps writing) the checkpoint
     mesh_shape = resolve_mesh(_mesh_arg(fv.mesh) if fv.mesh else dict(config.get("mesh", {})), jax.device_count())
-    ckpt = checkpoint_config_dir(config.model.checkpoint)
-    plan = make_plan(config, ckpt, mesh_shape)
+    plan = make_plan(config, None, mesh_shape)
     print(plan.table())
     print(check_fits(plan, fv.device_memory_gb))
 
