@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
-from vlm_jax.programs import plan as core
+from vlm_jax.programs import plan_core as core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,7 @@ def vladva(config, ckpt: str, mesh_shape: Mapping[str, int]) -> core.Plan:
     import flax.linen as nn
 
     mc, tc, me, dc = config.model, config.train, config.method, config.data
-    family, cfg, _, abstract = abstract_lvlm(ckpt or core.checkpoint_config_dir(mc.checkpoint), mc)
+    family, cfg, _, abstract = abstract_lvlm(ckpt or _vladva_checkpoint(config), mc)
     shards = core.shard_sizes(abstract, mesh_shape, config.get("mesh_rules"))
     rows = {"base params": sum(n * size for n, size in shards.values())}
     # Soft prompts: a prompt has at most one token per character (ASCII prompts; SentencePiece/BPE pieces are >= 1).
@@ -147,6 +147,17 @@ def vladva(config, ckpt: str, mesh_shape: Mapping[str, int]) -> core.Plan:
              f"soft prompts counted at <= {prompt_tokens} tokens each (one per character); attention "
              f"probabilities counted as the dense attention keeps them"]
     return core.Plan(rows=rows, mesh=dict(mesh_shape), notes=notes)
+
+
+def _vladva_checkpoint(config) -> str:
+    """An offline replica resolved as the run resolves it (its tokenizer, hence its vocabulary, trained on the run's
+    texts); any other checkpoint needs its config.json only."""
+    from vlm_jax.programs import vladva as program
+    from vlm_jax.testing import replicas
+
+    if replicas.is_offline_spec(config.model.checkpoint):
+        return program.resolve_checkpoints(config, program.train_data(config))[0]
+    return core.checkpoint_config_dir(config.model.checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------------------
