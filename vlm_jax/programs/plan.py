@@ -32,7 +32,8 @@ import jax
 
 from vlm_jax.errors import UserError
 from vlm_jax.programs import argv as argv_lib
-from vlm_jax.programs.plan_core import GiB, Plan, gib, param_bytes, resolve_mesh  # noqa: F401  (param_bytes: tests/sharded_load_child.py)
+# param_bytes: re-exported for tests/sharded_load_child.py.
+from vlm_jax.programs.plan_core import GiB, Plan, gib, param_bytes, resolve_mesh  # noqa: F401
 
 PLANNED = ("vladva", "vitask", "fewshot_clip")
 

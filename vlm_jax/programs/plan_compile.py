@@ -68,7 +68,8 @@ def nbytes(tree) -> int:
 
 def vladva_step(config, mesh_shape: Mapping[str, int]) -> dict[str, Any]:
     """Lowers and compiles vladva's train step on abstract inputs; {'memory': `analysis`, 'state', 'frozen',
-    'batch': their bytes per device, 'unused': the bytes of the arguments jit pruned, 'prompt_tokens': the soft prompts' real lengths}."""
+    'batch': their bytes per device, 'unused': the bytes of the arguments jit pruned, 'prompt_tokens': the soft
+    prompts' real lengths}."""
     import dataclasses
 
     from vlm_jax.convert import stream
