@@ -11,7 +11,7 @@ the HF parity tests check).
 
 layouts: loads a LLaVA (every transform kind) and a scanned Llama onto meshes that split rows, columns and
 heads, in float32 and cast to bfloat16 per tensor, reading in blocks far smaller than a tensor, and checks
-each against the in-memory conversion, and the LLaVA's bytes per device against `plan.param_bytes`; a mesh the
+each against the in-memory conversion, and the LLaVA's bytes per device against `plan_core.param_bytes`; a mesh the
 params do not divide is a one-line error naming them.
 Prints OK on success.
 """
@@ -27,7 +27,7 @@ from vlm_jax.convert import llama as llama_convert
 from vlm_jax.convert import llava as llava_convert
 from vlm_jax.convert import loader, stream
 from vlm_jax.errors import UserError
-from vlm_jax.programs import plan
+from vlm_jax.programs import plan_core
 from vlm_jax.runtime import mesh as mesh_lib
 
 
@@ -105,7 +105,7 @@ def layouts(llava_ckpt, llama_ckpt):
             assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None), q.sharding.spec
             assert q.addressable_shards[0].data.size * shape["fsdp"] * shape["tensor"] == q.size
             # `vlm-jax plan` predicts, from shapes alone, the bytes each device now holds.
-            planned = plan.param_bytes(stream.abstract_params(model), shape)
+            planned = plan_core.param_bytes(stream.abstract_params(model), shape)
             assert set(device_bytes(params)[0].values()) == {planned}, (device_bytes(params)[0], planned)
             model, params = llama_convert.from_pretrained(llama_ckpt, param_dtype=dtype, scan_layers=True,
                                                           mesh=mesh)

@@ -32,8 +32,7 @@ import jax
 
 from vlm_jax.errors import UserError
 from vlm_jax.programs import argv as argv_lib
-# param_bytes: re-exported for tests/sharded_load_child.py.
-from vlm_jax.programs.plan_core import GiB, Plan, gib, param_bytes, resolve_mesh  # noqa: F401
+from vlm_jax.programs.plan_core import GiB, Plan, gib, resolve_mesh
 
 PLANNED = ("vladva", "vitask", "fewshot_clip")
 
