@@ -1,5 +1,6 @@
 """VladVA's prompt selection by entropy (vlm_jax.programs.prompt_entropy) against HF transformers + torch: the HF
-processor's rows and pixels, the HF model's last-position logits, torch's Categorical entropy."""
+processor's rows and pixels, the HF model's last-position logits, torch's Categorical entropy; on the llava-1.5
+and the Qwen2-VL replicas (Qwen2-VL: M-RoPE positions, its own vision inputs at a fixed image size)."""
 
 import numpy as np
 import pytest
@@ -14,20 +15,35 @@ from vlm_jax.testing import replicas
 PROMPTS = ["Summary above image in one word:", "Describe the image in detail.", "What is shown in this image?"]
 
 
-def _peaked(path):
+# replica -> (its LM head weight (Qwen2-VL's is tied to the embeddings), how much to sharpen it, the HF model
+# class, --image_size)
+FAMILIES = {"llava-1.5": ("language_model.lm_head.weight", 10.0, "LlavaForConditionalGeneration", 0),
+            "qwen2-vl": ("model.embed_tokens.weight", 4.0, "Qwen2VLForConditionalGeneration", 224)}
+
+
+def _peaked(path, head, scale):
     """The replica's random weights give a near-uniform next token (every prompt ~ log V nats): a sharper LM
     head makes the prompts' entropies differ, so the choice is decided by the model, not by rounding."""
     from safetensors.numpy import load_file, save_file
 
     f = str(path / "model.safetensors")
     w = load_file(f)
-    w["language_model.lm_head.weight"] = w["language_model.lm_head.weight"] * 10.0
+    w[head] = w[head] * scale
     save_file(w, f, metadata={"format": "pt"})
 
 
-def test_entropy_equals_torch_on_a_replica_and_the_highest_is_chosen(tmp_path, capsys):
-    path = replicas.write_replica("llava-1.5", tmp_path / "replica", PROMPTS)
-    _peaked(path)
+def _hf_processor(name, path):
+    if name == "qwen2-vl":   # without the video processor (it needs torchvision)
+        from vlm_jax.testing import replicas_qwen2_vl
+        return replicas_qwen2_vl.hf_processor(path)
+    return transformers.AutoProcessor.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_entropy_equals_torch_on_a_replica_and_the_highest_is_chosen(tmp_path, capsys, name):
+    head, scale, hf_class, size = FAMILIES[name]
+    path = replicas.write_replica(name, tmp_path / "replica", PROMPTS)
+    _peaked(path, head, scale)
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.RandomState(0)
@@ -35,10 +51,12 @@ def test_entropy_equals_torch_on_a_replica_and_the_highest_is_chosen(tmp_path, c
     for i, im in enumerate(images):
         im.save(folder / f"{i}.png")
     out = prompt_entropy.main([f"--checkpoint={path}", "--prompts=" + "|".join(PROMPTS), f"--images={folder}",
-                               "--num_images=0", "--batch_size=3"])   # 2 images: a padded batch
+                               "--num_images=0", "--batch_size=3", f"--image_size={size}"])   # 2 images: padded
 
-    proc = transformers.AutoProcessor.from_pretrained(path)
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    proc = _hf_processor(name, path)
+    hf = getattr(transformers, hf_class).from_pretrained(path).eval()
+    if size:   # the run's fixed size: resized first (PIL bicubic, as qwen-vl-utils), then the processor
+        images = [im.resize((size, size), resample=Image.Resampling.BICUBIC) for im in images]
     ref = []
     for p in PROMPTS:
         text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],

@@ -8,9 +8,10 @@ chosen (the paper finds it gives the better embeddings).
       --images=/data/coco/val2014 --num_images=100
   python -m vlm_jax.programs.prompt_entropy --checkpoint=replica:llava-1.5 --prompts='a|b' --images=builtin  # offline
 
-Rows are built as the training and evaluation rows are (`data.chat`: the checkpoint's chat template, the whole
-prompt tokenized, the image placeholder expanded; pixels by the checkpoint's image processor settings).
-Entropy is in nats.
+Any LVLM family VladVA trains (LLaVA, InternVL, Qwen2-VL: `convert.auto`). Rows are built as the training and
+evaluation rows are (`data.lvlm_inputs`: the checkpoint's chat template, the whole prompt tokenized, the image
+placeholder expanded to the family's image token run; the vision arrays by the checkpoint's image processor
+settings at the run's `--image_size`). Entropy is in nats.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import errors
-from vlm_jax.data import chat, preprocess, tokenize
-from vlm_jax.data import features as feats
+from vlm_jax.data import chat, lvlm_inputs, tokenize
 from vlm_jax.programs import runner
 from vlm_jax.methods import vladva as disc
 
@@ -42,42 +42,45 @@ def entropy(logits: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def next_token_entropy(model, params, input_ids, attention_mask, pixel_values) -> jax.Array:
+def next_token_entropy(model, params, input_ids, attention_mask, vision) -> jax.Array:
     """f32[B]: entropy of the next-token distribution after each row's last real token.
 
     Args:
-      model: a `models.llava.Llava`; params: its params.
-      input_ids, attention_mask: i32[B, L] image rows (image tokens expanded); pixel_values: f32[B, H, W, 3].
+      model: an LVLM of `convert.auto` (LLaVA, InternVL, Qwen2-VL); params: its params.
+      input_ids, attention_mask: i32[B, L] image rows (each image's token run expanded).
+      vision: the rows' vision arrays by HF name (`data.lvlm_inputs.LVLMInputs.batch`), one image per row.
     """
-    embeds = model.apply({"params": params}, input_ids, pixel_values, method="embed_multimodal")
-    hidden, _ = model.apply({"params": params}, None, attention_mask, inputs_embeds=embeds, method="hidden_states")
+    embeds, positions = disc.multimodal_inputs(model, params, input_ids, attention_mask, vision)
+    hidden, _ = model.apply({"params": params}, None, attention_mask, inputs_embeds=embeds, positions=positions,
+                            method="hidden_states")
     last = disc.last_token_embedding(hidden, attention_mask)
     return entropy(model.apply({"params": params}, last, method="logits"))
 
 
-def prompt_entropies(model, params, fmt: chat.ChatFormat, prompts: Sequence[str], images: np.ndarray,
-                     batch_size: int = 8) -> list[float]:
+def prompt_entropies(model, params, fmt: chat.ChatFormat, prompts: Sequence[str],
+                     images: Sequence[dict[str, np.ndarray]], batch_size: int = 8) -> list[float]:
     """Mean (over `images`) next-token entropy after each prompt.
 
     Args:
-      fmt: the checkpoint's `chat.ChatFormat`; each prompt is rendered as the user turn after the image.
-      images: f32[N, H, W, 3] preprocessed pixels.
+      fmt: the run's `chat.ChatFormat` (`LVLMInputs.chat_format`); each prompt is the user turn after the image.
+      images: each image's vision arrays (`LVLMInputs.vision`).
       batch_size: images per forward pass (the last batch is padded with its first image, one compiled shape).
 
     Returns:
       One float per prompt.
     """
+    batches = []
+    for i in range(0, len(images), batch_size):
+        chunk = list(images[i:i + batch_size])
+        batches.append((len(chunk), {k: np.stack([a[k] for a in chunk + chunk[:1] * (batch_size - len(chunk))])
+                                     for k in chunk[0]}))
     out = []
     for p in prompts:
         ids = np.asarray(fmt.prompt(p, image=True), np.int32)
+        rows = jnp.asarray(np.broadcast_to(ids, (batch_size, len(ids))))
         total = 0.0
-        for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
-            n = len(chunk)
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, 0)]) if n < batch_size else chunk
-            rows = np.broadcast_to(ids, (batch_size, len(ids)))
-            h = next_token_entropy(model, params, jnp.asarray(rows), jnp.ones(rows.shape, jnp.int32),
-                                   jnp.asarray(chunk))
+        for n, vision in batches:
+            h = next_token_entropy(model, params, rows, jnp.ones(rows.shape, jnp.int32), vision)
             total += float(np.sum(np.asarray(h)[:n]))
         out.append(total / len(images))
     return out
@@ -111,30 +114,31 @@ def parse_prompts(text: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m vlm_jax.programs.prompt_entropy", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="LLaVA checkpoint dir, hub id, or replica:<name>")
+    ap.add_argument("--checkpoint", required=True, help="LVLM checkpoint dir (LLaVA, InternVL, Qwen2-VL), hub id, "
+                    "or replica:<name>")
     ap.add_argument("--prompts", required=True, help="candidate image prompts separated by '|'")
     ap.add_argument("--images", default="builtin", help="'builtin' or a folder of images")
     ap.add_argument("--num_images", type=int, default=64, help="first N images (0 = all)")
     ap.add_argument("--chat_template", default="", help="'' = the checkpoint's own (see configs/vladva.py)")
+    ap.add_argument("--image_size", type=int, default=0, help="the run's model.image_size (0 = the family's "
+                    "default; see configs/vladva.py)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--output", default="", help="also write the result as JSON here")
     args = ap.parse_args(argv)
-    from vlm_jax.convert import llava as llava_convert
-    from vlm_jax.convert import loader
+    from vlm_jax.convert import auto
+    from vlm_jax.data import features
 
     prompts = parse_prompts(args.prompts)
     if args.num_images < 0 or args.batch_size < 1:
         raise errors.UserError("--num_images must be >= 0 and --batch_size >= 1")
     items = load_images(args.images, args.num_images)
     ckpt = runner.resolve_checkpoint(args.checkpoint, None, prompts)
-    cfg = llava_convert.llava_config(loader.read_config(ckpt), ckpt)
     tok = tokenize.load_tokenizer(ckpt)
-    pp = preprocess.image_settings(ckpt)
-    fmt = chat.ChatFormat(tok, chat.load_chat_template(ckpt, args.chat_template, tok), cfg.tokens_per_image,
-                          cfg.image_token_id, chat.image_token(ckpt))
-    images = feats.load_all(lambda x: preprocess.preprocess_image(x, pp), items)
-    model, params = llava_convert.from_pretrained(ckpt, dtype=jnp.dtype(args.dtype))
+    inputs = lvlm_inputs.for_checkpoint(ckpt, auto.lvlm_config(ckpt), tok, args.image_size)
+    fmt = inputs.chat_format(tok, chat.load_chat_template(ckpt, args.chat_template, tok))
+    images = features.map_all(inputs.vision, items)
+    model, params = auto.from_pretrained(ckpt, dtype=jnp.dtype(args.dtype))
     h = prompt_entropies(model, params, fmt, prompts, images, args.batch_size)
     best = int(np.argmax(h))
     out = {"checkpoint": ckpt, "num_images": len(items), "entropy": dict(zip(prompts, h)), "chosen": prompts[best]}
