@@ -86,6 +86,14 @@ def test_qwen2_vl_inputs_equal_hf_processor_at_the_fixed_size(tmp_path):
     vision = inputs.batch([inputs.vision(img)] * 2)
     np.testing.assert_array_equal(vision["pixel_values"][0], ref["pixel_values"])
     np.testing.assert_array_equal(vision["image_grid_thw"], np.repeat(ref["image_grid_thw"], 2, 0))
+    # A plain format (model.chat_template='USER: {} ASSISTANT:') writes the image as the checkpoint's template
+    # does, between the vision start / end markers; the processor expands the placeholder only.
+    plain = inputs.chat_format(tokenize.load_tokenizer(path), "USER: {} ASSISTANT:")
+    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert image_text in text   # as the checkpoint's own template writes an image
+    marked = "USER: " + image_text + "\n" + TEXTS[0] + " ASSISTANT:"
+    assert plain.render(TEXTS[0], image=True) == marked
+    assert plain.encode(marked)[0] == proc(text=[marked], images=[square], return_tensors="np")["input_ids"][0].tolist()
     assert _ours(path)[0].tokens_per_image == 256  # the default: 448 px
     for bad in (230, 28):  # not a multiple of 28; below min_pixels (3136 = 56^2)
         with pytest.raises(UserError, match=f"model.image_size={bad}"):

@@ -89,12 +89,17 @@ class ChatFormat:
       image_token: the placeholder's text.
       image_run: the ids one placeholder becomes (the family's layout, `data.lvlm_inputs`: InternVL's
         `<img>` + contexts + `</img>`); None: `tokens_per_image` image tokens (LLaVA, Qwen2-VL).
+      plain_image: what a plain format ('USER: {} ASSISTANT:') writes for an image, as the checkpoint's own
+        template writes it (Qwen2-VL: the placeholder between its vision start / end markers); None: the
+        placeholder alone.
     """
 
     def __init__(self, tokenizer, template: str, tokens_per_image: int, image_token_id: int,
-                 image_token: str = IMAGE_PLACEHOLDER, image_run: Sequence[int] | None = None):
+                 image_token: str = IMAGE_PLACEHOLDER, image_run: Sequence[int] | None = None,
+                 plain_image: str | None = None):
         self.tok, self.template = tokenizer, template
         self.tokens_per_image, self.image_token_id, self.image_token = tokens_per_image, image_token_id, image_token
+        self.plain_image = image_token if plain_image is None else plain_image
         self.image_run = list(image_run) if image_run is not None else [image_token_id] * tokens_per_image
         if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
             raise UserError(f"the tokenizer's {image_token!r} is id {tokenizer.convert_tokens_to_ids(image_token)}, "
@@ -110,7 +115,7 @@ class ChatFormat:
     def render(self, text: str, image: bool, answer: str | None = None) -> str:
         """The rendered user turn + generation prompt (+ the assistant's `answer`, as the template renders it)."""
         if not _is_jinja(self.template):
-            user = (self.image_token + "\n" if image else "") + text
+            user = (self.plain_image + "\n" if image else "") + text
             out = self.template.format(user)
             return out if answer is None else out + " " + answer
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]

@@ -51,6 +51,8 @@ class LVLMInputs:
       image_run: the ids one placeholder becomes in the prompt (as the HF processor expands it).
       settings: the image processor settings (json-able; the family's `image_settings`, adjusted for the run).
       image_size: the side every image is resized to first (Qwen2-VL), else 0.
+      plain_image: what a plain chat format writes for an image ('' = `image_token`): Qwen2-VL's template wraps
+        the placeholder in its vision start / end markers, which the processor leaves as they are.
     """
 
     family: str
@@ -59,6 +61,7 @@ class LVLMInputs:
     image_run: tuple[int, ...]
     settings: dict
     image_size: int = 0
+    plain_image: str = ""
 
     @property
     def tokens_per_image(self) -> int:
@@ -88,7 +91,7 @@ class LVLMInputs:
     def chat_format(self, tokenizer, template: str) -> chat.ChatFormat:
         """The run's `ChatFormat`: the template's placeholder expanded to `image_run`."""
         return chat.ChatFormat(tokenizer, template, self.tokens_per_image, self.image_token_id, self.image_token,
-                               image_run=self.image_run)
+                               image_run=self.image_run, plain_image=self.plain_image or None)
 
 
 def _check_size(image_size: int, own: int, family: str) -> None:
@@ -134,7 +137,12 @@ def _qwen2_vl(ckpt, cfg, tok, image_size: int) -> LVLMInputs:
     g = side // settings["patch_size"]
     n = cfg.tokens_per_image((1, g, g))
     token = tok.convert_ids_to_tokens(cfg.image_token_id)
-    return LVLMInputs("qwen2_vl", token, cfg.image_token_id, (cfg.image_token_id,) * n, settings, side)
+    if cfg.vision_start_token_id is None or cfg.vision_end_token_id is None:
+        raise UserError(f"{ckpt}/config.json lacks vision_start_token_id / vision_end_token_id (every Qwen2-VL "
+                        "checkpoint has them)")
+    start, end = (tok.convert_ids_to_tokens(i) for i in (cfg.vision_start_token_id, cfg.vision_end_token_id))
+    return LVLMInputs("qwen2_vl", token, cfg.image_token_id, (cfg.image_token_id,) * n, settings, side,
+                      plain_image=f"{start}{token}{end}")
 
 
 def for_checkpoint(ckpt: str | os.PathLike, cfg: Any, tokenizer, image_size: int = 0) -> LVLMInputs:
