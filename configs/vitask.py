@@ -81,6 +81,11 @@ def get_config(arg=None):
     # (logical axis, mesh axis or None) pairs that replace those entries of runtime/mesh.DEFAULT_RULES, e.g.
     # (("mlp", None),) to keep the MLPs whole on a tensor-parallel mesh.
     c.mesh_rules = ()
+    # Evaluators during the LVLM fits (big_vision's config.evals): name -> {type, every_steps[, split]}; type
+    # 'ranking' (the label-likelihood accuracy / macro-F1 the results table ranks, on split 'val' (default) or
+    # 'test'; vanilla without the exemplar, VITask's stages with it), run every_steps steps and after the last,
+    # written as <fit>/<name>/<dataset or mean>/<metric>. Empty: the table's evaluation after training only.
+    c.evals = {}
     # wandb: a Weights & Biases project to log to besides metrics.jsonl and TensorBoard ('' = none; needs the
     # [wandb] extra; WANDB_MODE=offline logs without an account).
     c.log = dict(wandb="")

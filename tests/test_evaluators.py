@@ -114,3 +114,19 @@ def test_every_config_declares_evals_and_mesh_rules_by_one_name():
                 vitask_config.get_config("runlocal")):
         assert tuple(cfg.mesh_rules) == ()
     assert evaluators.check(vladva_config.get_config("runlocal").evals, {"suite": lambda: None}) == []
+
+
+@pytest.mark.parametrize("evals, match", [
+    ({"v": {"type": "suite"}}, r"evals.v.type='suite' is not an evaluator of this program: use one of ranking"),
+    ({"v": {"type": "ranking", "split": "train"}}, r"evals.v.split='train': use one of val, test"),
+    ({"v": {"type": "ranking", "every": 2}}, r"evals.v: unknown key 'every' for type 'ranking'"),
+])
+def test_vitask_evaluators_are_checked_before_any_work(evals, match):
+    from configs import vitask as vitask_config
+    from vlm_jax.programs import vitask
+
+    config = vitask_config.get_config("runlocal")
+    config.evals = evals
+    with pytest.raises(errors.UserError, match=match) as e:
+        vitask.check_inputs(config)
+    assert "\n" not in str(e.value)

@@ -70,11 +70,16 @@ from vlm_jax.methods import vitask
 from vlm_jax.models import peft
 from vlm_jax.programs import runner
 from vlm_jax.runtime import mesh as mesh_lib
-from vlm_jax.train import trainer
+from vlm_jax.train import evaluators, trainer
 from vlm_jax.runtime import workdir as workdir_lib
 from vlm_jax.runtime.metrics import MetricWriter
 
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
+# The evaluator types of config.evals (train/evaluators.py): 'ranking', the label-likelihood accuracy and macro-F1
+# of the LVLM being trained on its `split` ('val' or 'test'), as the results table ranks (the vanilla fit without
+# the exemplar, VITask's stages with it), written as <fit>/<name>/<dataset or mean>/<metric>.
+EVALUATORS = ("ranking",)
+EVAL_SPLITS = ("val", "test")
 METRICS = {"accuracy": "acc", "macro_f1": "F1"}
 EVAL_MODES = ("likelihood", "generate", "both")
 
@@ -171,7 +176,15 @@ def check_inputs(config: ml_collections.ConfigDict) -> Inputs:
         "method.connector_hidden": 0}, {"method.eval_mode": EVAL_MODES,
                                         "method.rda_direction": vitask.DIRECTIONS,
                                         "tsm.selection": ("val", "last")})
+    evals = evaluators.check(config.get("evals"), {"ranking": lambda split="val": None})
+    for name, _, _, options in evals:
+        if options.get("split", "val") not in EVAL_SPLITS:
+            raise errors.UserError(f"evals.{name}.split={options['split']!r}: use one of {', '.join(EVAL_SPLITS)}")
     task = vitask_tasks.load_task(dc, config.rng_seed)
+    empty = [f"evals.{name}" for name, _, _, o in evals if not len(getattr(task, o.get("split", "val")) or ())]
+    if empty:
+        raise errors.UserError(f"{empty[0]} ranks the val split, which is empty here: use split='test' or give the "
+                               "datasets a val split")
     # CRT's "different label": a different answer (a multi-label sample's whole set) of the same dataset.
     negatives = vitask_tasks.NegativeSampler(task.train, task.names) if mc.stage2_epochs else None
     no_val = [d.name for k, d in enumerate(task.datasets) if not np.any(task.val.dataset == k)]
@@ -229,7 +242,8 @@ def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
     epoch chosen on val (the paper: "select the best model based on validation set performance").
 
     Returns:
-      (test predictions bool[N, C], train features f32[Ntrain, D], test features f32[N, D], the fit result).
+      (test predictions bool[N, C], split name -> its exemplar features f32[n, D] ('train', 'test', and 'val' when
+      the task has one), the fit result).
     """
     sc, task, train = config.tsm, inp.task, inp.task.train
     multi = any(d.multi_label for d in task.datasets)
@@ -266,16 +280,48 @@ def train_tsm(config, inp: Inputs, mesh, rng, workdir: str, writer):
         return tsm_lib.tsm_pass(tsm_model, tsm_params, task, split,
                                 lambda idx: _pixels(split.examples, idx, inp.clip_pp))
 
-    _, train_feats = pass_of(train)
-    tsm_pred, test_feats = pass_of(task.test)
-    return tsm_pred, train_feats, test_feats, fit
+    features = {"train": pass_of(train)[1]}
+    tsm_pred, features["test"] = pass_of(task.test)
+    if task.val is not None and len(task.val):   # the exemplars of config.evals on 'val'
+        features["val"] = pass_of(task.val)[1]
+    return tsm_pred, features, fit
 
 
-def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, rng, workdir: str, writer):
+def evaluator_factories(config, inp: Inputs, model, connector, params, features, use_ep: bool):
+    """type -> (**options) -> (trainable params -> flat metrics) of one LVLM fit, for `evaluators.from_config`.
+
+    Args:
+      params: the fit's whole tree ({'base', 'lora'[, 'connector']}); the trainable part comes with each call.
+      features: split name -> TSM exemplar features (`train_tsm`).
+      use_ep: rank with the exemplar (VITask's stages) or without (vanilla).
+    """
+    def ranking(split="val"):
+        task, seqs, eb = inp.task, inp.seqs, max(1, int(config.data.eval_batch_size))
+        part = getattr(task, split)
+        lm = peft.LoraModel(model, alpha=config.method.lora_alpha, rank=config.method.lora_rank)
+        rank = vitask.make_ranker(lm, connector, model.cfg.image_token_id)
+        table = seqs.answer_table(inp.label_responses)
+        rows = [i for i in range(len(part)) if not task.multi_label[part.dataset[i]]]
+        skip = [k for k in range(len(task.datasets)) if task.multi_label[k]]
+        conn0 = params.get("connector")
+
+        def fn(trainable):
+            p = trainer.merge(trainable, params)
+            pred, valid = lvlm_classify.rank_labels(
+                rank, {"base": p["base"], "lora": p["lora"]}, p.get("connector", conn0), seqs, table, task, part,
+                rows, features[split], lambda idx: _vision(part.examples, idx, inp.inputs), eb, use_ep)
+            return _flat_metrics(vitask_tasks.split_metrics(task, part, pred, valid, skip=skip))
+        return fn
+    return {"ranking": ranking}
+
+
+def train_lvlm(config, inp: Inputs, model, base, connector, features, mesh, rng, workdir: str, writer):
     """The vanilla baseline (L_van only, its own LoRA) and VITask's two stages (stage 1: {'lora', 'connector'};
     stage 2: + CRT, the connector frozen), on batches that mix the datasets, each sample with its own dataset's
-    instruction. Returns ({'vanilla', 'stage1', 'stage2'} -> trained params, the same -> history, steps)."""
+    instruction; `features`: the TSM's exemplars per split (`train_tsm`). Returns ({'vanilla', 'stage1',
+    'stage2'} -> trained params, the same -> history, steps)."""
     mc, tc, train, seqs = config.method, config.train, inp.task.train, inp.seqs
+    train_feats = features["train"]
     n, bs = len(train), runner.batch_size(tc.batch_size, len(train), mesh)
     steps = n // bs
     forward = vitask.make_forward(model, connector, model.cfg.image_token_id)
@@ -296,11 +342,13 @@ def train_lvlm(config, inp: Inputs, model, base, connector, train_feats, mesh, r
                                       rda_direction=mc.rda_direction, lora_alpha=mc.lora_alpha,
                                       lora_rank=mc.lora_rank)
         optim = dict(tc.optim.to_dict(), lr=tc.optim.lr * lr_scale)
+        evals = evaluators.from_config(config.get("evals"), evaluator_factories(
+            config, inp, model, connector, params, features, use_ep=stage is not None))
         f = trainer.fit(loss_fn=loss_fn, params=params, param_groups=groups, optim=optim,
                         num_epochs=epochs, steps_per_epoch=steps, epoch_batches=lvlm_batches(seed, stage == 2),
                         mesh=mesh, rng=jax.random.fold_in(rng, seed), workdir=workdir, writer=writer, name=name,
                         log_every_s=10.0, checkpoint_every_steps=tc.get("checkpoint_every_steps", 0),
-                        accum_steps=runner.accum_steps(tc, bs, mesh, "train"))
+                        accum_steps=runner.accum_steps(tc, bs, mesh, "train"), evals=evals)
         return trainer.merge(jax.device_put(f.best_params, mesh_lib.replicated(mesh)), params), f.history
 
     # Vanilla gets as many steps as VITask's two stages together unless told otherwise (same batches per epoch).
@@ -367,7 +415,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for key, c in (("tsm", config.tsm), ("train", config.train)):   # fail before any training, not between stages
         runner.accum_steps(c, runner.batch_size(c.batch_size, len(train), mesh), mesh, key)
 
-    tsm_pred, train_feats, test_feats, tsm_fit = train_tsm(config, inp, mesh, rng, workdir, writer)
+    tsm_pred, features, tsm_fit = train_tsm(config, inp, mesh, rng, workdir, writer)
     rows = {"TSM": vitask_tasks.split_metrics(task, test, tsm_pred)}
     logging.info("TSM: %s", rows["TSM"])
     model, base = runner.load_lvlm(inp.ckpt, config.model, mesh, rules)
@@ -375,8 +423,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     connector = vitask.ExemplarConnector(out_dim=width, hidden_dim=mc.connector_hidden or None)
     logging.info("%s %s: %s; %d train / %d test, sequence length %d", inp.inputs.family, inp.ckpt, ", ".join(task.names),
                  len(train), len(test), inp.seqs.length)
-    trained, hist, steps = train_lvlm(config, inp, model, base, connector, train_feats, mesh, rng, workdir, writer)
-    rows.update(evaluate(config, inp, model, base, connector, trained, test_feats))
+    trained, hist, steps = train_lvlm(config, inp, model, base, connector, features, mesh, rng, workdir, writer)
+    rows.update(evaluate(config, inp, model, base, connector, trained, features["test"]))
     for i, (name, r) in enumerate(rows.items()):
         writer.write(i, _flat_metrics(r), prefix=f"test/{name}/")
     writer.close()
