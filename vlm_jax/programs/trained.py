@@ -221,6 +221,23 @@ def fit_names(workdir: str) -> list[str]:
     return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))) if os.path.isdir(root) else []
 
 
+def _restore_kept(manager, step: int) -> tuple[dict[str, Any], str, PyTree]:
+    """(meta, the kept item: 'best' when the run selected an epoch else 'state', its tree) of `step`, as host
+    arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    item = "best" if meta.get("best_epoch", -1) >= 0 else "state"
+    tree = manager.item_metadata(step)[item].tree
+    target = {"params": tree["params"]} if item == "state" else tree
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    got = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)}))[item]
+    return meta, item, got
+
+
 def _damaged(workdir: str, directory: str, step: int, why: str) -> errors.UserError:
     return errors.UserError(
         f"checkpoint step {step} in {directory} is damaged ({why}): rerun `vlm-jax train` with the run's --config "
@@ -255,14 +272,9 @@ def restore_fit(workdir: str, name: str) -> Fit:
     if step is None:
         raise errors.UserError(f"{directory} holds no finished checkpoint step")
     try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        item = "best" if meta.get("best_epoch", -1) >= 0 else "state"
-        tree = manager.item_metadata(step)[item].tree
-        target = {"params": tree["params"]} if item == "state" else tree
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        got = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)}))[item]
+        # As the training's resume reads a damaged step: without tensorstore's late 'Event loop is closed' noise.
+        with ckpt_lib._quiet_closed_event_loop():   # noqa: SLF001
+            meta, item, got = _restore_kept(manager, step)
     except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign folder raises
         raise _damaged(workdir, directory, step, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
     finally:
