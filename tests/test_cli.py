@@ -83,6 +83,11 @@ def test_a_subcommand_missing_from_the_build_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: vlm-jax export is not available in this build\n"
 
 
+def open_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _coop_eurosat(root, classes=("Forest", "River", "SeaLake")):
     """A tiny EuroSAT in CoOp's layout (split_zhou_EuroSAT.json + 2750/<class>/*.png), 2 images per split and class."""
     import numpy as np
@@ -121,7 +126,7 @@ def test_eval_takes_a_moved_data_root_and_refuses_a_trained_key(tmp_path):
                                                r"and predict take only keys matching train.resume, mesh.\*, "):
         evaluate.evaluate(workdir, str(tmp_path / "out"), ["--config.model.checkpoint=builtin:tiny-clip"])
     written = evaluate.evaluate(workdir, str(tmp_path / "out"), [f"--config.data.root={tmp_path / 'moved'}"])
-    (want,), (got,) = (json.load(open(p))["runs"] for p in (os.path.join(workdir, "results.json"),
-                                                             written["results.json"]))
+    (want,), (got,) = (json.loads(open_text(p))["runs"] for p in (os.path.join(workdir, "results.json"),
+                                                                   written["results.json"]))
     assert got["methods"]["zeroshot"]["test_accuracy"] == want["methods"]["zeroshot"]["test_accuracy"]
-    assert json.load(open(os.path.join(workdir, "config.json")))["data"]["root"] == str(tmp_path / "data")  # kept
+    assert json.loads(open_text(os.path.join(workdir, "config.json")))["data"]["root"] == str(tmp_path / "data")

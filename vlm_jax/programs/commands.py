@@ -6,6 +6,7 @@ errors as one `error:` line with exit code 2, the multi-process flags (`--distri
 
 from __future__ import annotations
 
+import functools
 import logging as std_logging
 import sys
 import types
@@ -72,7 +73,7 @@ def run_absl(fn: Callable[..., None], argv: list[str], doc: str | None, config_o
     main = fn
     if config_overrides:
         argv, overrides = split_config_overrides(argv)
-        main = lambda args: fn(args, overrides)  # noqa: E731
+        main = functools.partial(fn, overrides=overrides)
     app.run(main, argv=argv, flags_parser=parse_flags)
 
 

@@ -37,10 +37,9 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(commands.quiet_libraries)
-    from vlm_jax.runtime import distributed  # after flag parsing: keeps --help fast
-
     # Before anything touches a JAX backend (loading the config does not).
     from vlm_jax import errors
+    from vlm_jax.runtime import distributed  # after flag parsing: keeps --help fast
     try:
         multiprocess = commands.initialize_distributed()
     except errors.UserError as e:  # contradicting flags, or jax's own check of the detected/given values

@@ -273,7 +273,7 @@ def restore_fit(workdir: str, name: str) -> Fit:
         raise errors.UserError(f"{directory} holds no finished checkpoint step")
     try:
         # As the training's resume reads a damaged step: without tensorstore's late 'Event loop is closed' noise.
-        with ckpt_lib._quiet_closed_event_loop():   # noqa: SLF001
+        with ckpt_lib._quiet_closed_event_loop():
             meta, item, got = _restore_kept(manager, step)
     except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign folder raises
         raise _damaged(workdir, directory, step, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
