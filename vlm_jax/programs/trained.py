@@ -282,7 +282,8 @@ def restore_fit(workdir: str, name: str) -> Fit:
     params = got["params"] if item == "state" else got
     want = meta.get("checksum", {}).get(item)
     if want is not None:
-        sums, _ = ckpt_lib.tree_checksum(params, mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]))
+        # On this process's own device: every process of a multi-process eval checks its own host copy.
+        sums, _ = ckpt_lib.tree_checksum(params, mesh_lib.make_mesh({"data": 1}, jax.local_devices()[:1]))
         # The state's checksums run over (step, params..., optimizer state...): the params' are 1..n.
         if sums != (want if item == "best" else want[1:1 + len(sums)]):
             raise _damaged(workdir, directory, step, f"its {item} params do not match the checksum written with them")
