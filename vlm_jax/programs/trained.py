@@ -266,8 +266,9 @@ def restore_fit(workdir: str, name: str) -> Fit:
                                f"{', '.join(fit_names(workdir)) or 'none'})")
     handlers = {"best": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_handlers=handlers)
+    # save_interval_steps=0, create=False: what read_only implies (orbax warns about each when they are left out).
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     step = manager.latest_step()
     if step is None:
         raise errors.UserError(f"{directory} holds no finished checkpoint step")
