@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vlm_jax.errors import UserError
+from vlm_jax.programs import trained
 from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
@@ -129,6 +131,13 @@ def test_damaged_checkpoints_are_skipped_and_the_resumed_run_equals_an_uninterru
     _flip_bytes(_array_files(ckpts / "23")[-1])               # 16 flipped bytes: tensorstore reads them silently
     (ckpts / "22" / "state" / "_METADATA").unlink()          # deleted metadata, of the arrays ...
     (ckpts / "21" / "meta" / "metadata").unlink()            # ... and of the trainer's own item
+    # eval / predict / export read the newest step only (an older one is an unfinished training): one line that
+    # says what the resume below does.
+    with pytest.raises(UserError) as e:
+        trained.restore_fit(str(tmp_path / "w"), "train")
+    assert str(e.value).startswith(f"checkpoint step 24 in {ckpts} is damaged (") and str(e.value).endswith(
+        f": rerun `vlm-jax train` with the run's --config and --workdir={tmp_path / 'w'} to retrain from the newest "
+        "good step, then run this command again"), e.value
     proc = _child(tmp_path / "w", tmp_path / "p.npz")
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "is damaged" in line]
@@ -138,6 +147,9 @@ def test_damaged_checkpoints_are_skipped_and_the_resumed_run_equals_an_uninterru
     assert "Traceback" not in proc.stderr
     assert _steps(tmp_path / "w")[-1] == 24                  # the damaged steps were replaced by good ones
     _assert_same(_params(tmp_path / "p.npz"), reference)
+    fit = trained.restore_fit(str(tmp_path / "w"), "train")  # ... which is what eval then reads
+    assert fit.step == 24
+    _assert_same(fit.params["mlp"], reference)
 
 
 def test_no_readable_checkpoint_is_one_error_line(tmp_path, full_run):

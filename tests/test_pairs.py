@@ -82,6 +82,39 @@ def test_runlocal_trains_and_evaluates(tmp_path, optimized_env):
     md = (tmp_path / "run" / "results.md").read_text()
     assert "VladVA" in md and all(f"{d} R@{k}" in md for d in ("T2I", "I2T") for k in (1, 5, 10))
     _exports_load_in_hf(tmp_path, env)
+    _predict_gives_the_evaluated_retrieval(tmp_path, env, out["results"]["VladVA (soft prompts + LoRA)"])
+
+
+def _predict_gives_the_evaluated_retrieval(tmp_path, env, row):
+    """`vlm-jax predict` on the retrieval images with their captions as --texts: R@1 and R@5 both ways, computed from
+    the similarity table here (the ground truth of caption i is image i; a tie counts against the query, as in
+    eval/retrieval.py), are results.json's for the VladVA row; embeddings.npy has one row per image."""
+    from PIL import Image
+
+    from vlm_jax.data import builtin
+    from vlm_jax.eval import suite
+
+    images, captions, caption_to_image = suite.toy_suite(builtin.builtin_dataset()).retrieval
+    assert list(caption_to_image) == list(range(len(images)))
+    os.makedirs(tmp_path / "images")
+    for i, ex in enumerate(images):
+        Image.fromarray(ex.array).save(tmp_path / "images" / f"{i:03d}.png")   # lossless: the evaluated pixels
+    proc = subprocess.run([sys.executable, "-m", "vlm_jax.cli", "predict", f"--workdir={tmp_path / 'run'}",
+                           f"--folder={tmp_path / 'images'}", f"--texts={','.join(captions)}",
+                           f"--out={tmp_path / 'predictions.json'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.load(open(tmp_path / "predictions.json"))
+    sim = np.array([[im["similarity"][c] for c in captions] for im in got["images"]])   # f32[images, texts]
+    own = np.diag(sim)
+    i2t_rank = np.sum(sim >= own[:, None], axis=1) - 1   # the other captions scoring >= the image's own
+    t2i_rank = np.sum(sim >= own[None, :], axis=0) - 1
+    # R@5 as well: on this toy R@1 is 10 for every row, R@5 tells the trained model from the untrained one.
+    got_recalls = [100.0 * np.mean(rank < k) for rank in (i2t_rank, t2i_rank) for k in (1, 5)]
+    want = [row[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5)]
+    np.testing.assert_allclose(got_recalls, want, atol=1e-6)
+    emb = np.load(tmp_path / got["embeddings_file"])
+    assert emb.shape[0] == len(images) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
 def _exports_load_in_hf(tmp_path, env):

@@ -49,6 +49,37 @@ def test_vitask_runlocal(tmp_path, optimized_env):
     assert sha["stage1"] and sha["stage1"] == sha["stage2"], sha  # the connector is frozen in stage 2
     assert out["history"]["stage2"] and "train_crt" in out["history"]["stage2"][0]
     assert (workdir / "metrics.jsonl").exists()
+    _predict_gives_the_evaluated_accuracies(tmp_path, env, workdir, out["results"])
+
+
+def _predict_gives_the_evaluated_accuracies(tmp_path, env, workdir, results):
+    """`vlm-jax predict` on builtin_a's test images (the run's own test split, as files): the ranking's top-1
+    against the true labels is results.json's 'VITask w/ EP' accuracy of builtin_a, the generated answers' matched
+    labels its '[generated]' accuracy (an unmatched answer counts as wrong)."""
+    import ml_collections
+    from PIL import Image
+
+    from vlm_jax.data import vitask_tasks
+
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    task = vitask_tasks.load_task(config.data, config.rng_seed)   # the split the run evaluated
+    d = DATASETS.index("builtin_a")
+    rows = np.flatnonzero(task.test.dataset == d)
+    classnames = task.datasets[d].classnames
+    os.makedirs(tmp_path / "images")
+    for i in rows:   # lossless: the evaluated pixels
+        Image.fromarray(task.test.examples[i].array).save(tmp_path / "images" / f"{i:03d}.png")
+    proc = subprocess.run([sys.executable, "-m", "vlm_jax.cli", "predict", f"--workdir={workdir}",
+                           f"--folder={tmp_path / 'images'}", "--dataset=builtin_a", f"--out={tmp_path / 'p.json'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "p.json").read_text())["images"]
+    truth = [classnames[task.test.label[i]] for i in rows]
+    assert len(got) == len(truth) == 10
+    ranked = 100.0 * np.mean([im["ranking"][0]["class"] == t for im, t in zip(got, truth)])
+    generated = 100.0 * np.mean([im["matched"] == t for im, t in zip(got, truth)])
+    want = [results[name]["datasets"]["builtin_a"]["accuracy"] for name in ("VITask w/ EP", "VITask w/ EP [generated]")]
+    np.testing.assert_allclose([ranked, generated], want, atol=1e-6)
 
 
 @pytest.mark.parametrize("config, override", [

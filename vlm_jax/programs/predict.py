@@ -15,6 +15,10 @@ What comes out depends on the workdir's program, and each goes through its evalu
 Images are batched (data.eval_batch_size of the run, --batch_size) and sharded over the devices of the run's mesh;
 a folder (searched recursively for image files) shows a progress line. The result is printed as a table and,
 with --out, written as JSON.
+
+As `vlm-jax eval`: `--config.KEY=VALUE` overrides of the keys that do not change what was trained (data moved since
+training, another mesh), the multi-process flags of `vlm-jax train` (process 0 prints and writes), and a damaged
+newest checkpoint is one line that says to retrain from the newest good step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ _DATASET = flags.DEFINE_string("dataset", None, "VITask: the dataset whose label
 _BATCH = flags.DEFINE_integer("batch_size", None, "Images per batch (default: the run's data.eval_batch_size).",
                               lower_bound=1)
 flags.mark_flags_as_required(["workdir"])
+_DISTRIBUTED = commands.distributed_flags()   # the same multi-process flags as vlm-jax train
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,7 +129,7 @@ def predict_vladva(run, paths: list[str], texts: Sequence[str] | None, batch_siz
 
     config, mc = run.config, run.config.method
     mesh, _ = runner.make_mesh(config)
-    t = trained.load(run.workdir, mesh)
+    t = trained.load(run, mesh, fits=("vladva",))
     if "vladva" not in t.fits:
         raise errors.UserError(f"{run.workdir} has no 'vladva' checkpoint (there: {', '.join(t.fits) or 'none'})")
     fit, ckpt = t.fits["vladva"].params, t.checkpoints["model"]
@@ -146,7 +151,8 @@ def predict_vladva(run, paths: list[str], texts: Sequence[str] | None, batch_siz
         sim = emb @ _normalize(embed_texts(list(texts))).T
         out["texts"] = list(texts)
         for row, s in zip(out["images"], sim):
-            row["similarity"] = {x: round(float(v), 4) for x, v in zip(texts, s)}
+            # Unrounded: ranks computed from the JSON are the evaluation's (4 digits would make ties).
+            row["similarity"] = {x: float(v) for x, v in zip(texts, s)}
     return out
 
 
@@ -197,15 +203,17 @@ def write(result: dict[str, Any], out: str) -> list[str]:
     return [out] + written
 
 
-def predict(workdir: str, images: Sequence[str] = (), folder: str | None = None, **options) -> dict[str, Any]:
+def predict(workdir: str, images: Sequence[str] = (), folder: str | None = None, overrides: Sequence[str] = (),
+            **options) -> dict[str, Any]:
     """The predictions of `workdir`'s trained run for `images` or the files under `folder` (see the module).
 
     Args:
+      overrides: `--config.KEY=VALUE` arguments (`trained.with_overrides`).
       options: top_k, methods, protocol (few-shot CLIP); texts (VladVA); dataset (VITask); batch_size.
     """
     from vlm_jax.programs import trained
 
-    run = trained.read_run(workdir)
+    run = trained.with_overrides(trained.read_run(workdir), overrides)
     paths = image_paths(images, folder)
     bs = options.get("batch_size")
     if run.program == "fewshot_clip":
@@ -217,11 +225,14 @@ def predict(workdir: str, images: Sequence[str] = (), folder: str | None = None,
     return predict_vitask.predict(run, paths, options.get("dataset"), options.get("top_k", 5), bs)
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str], overrides: list[str]) -> None:
     def body():
-        result = predict(_WORKDIR.value, argv[1:], _FOLDER.value, top_k=_TOP_K.value, methods=_METHODS.value,
-                         protocol=_PROTOCOL.value, texts=_TEXTS.value, dataset=_DATASET.value,
+        commands.initialize_distributed()
+        result = predict(_WORKDIR.value, argv[1:], _FOLDER.value, overrides, top_k=_TOP_K.value,
+                         methods=_METHODS.value, protocol=_PROTOCOL.value, texts=_TEXTS.value, dataset=_DATASET.value,
                          batch_size=_BATCH.value)
+        if not commands.is_writer():   # every process computed the same predictions; process 0 reports them
+            return
         print("\n" + table(result), flush=True)
         if _OUT.value:
             for path in write(result, os.path.abspath(os.path.expanduser(_OUT.value))):
@@ -231,4 +242,4 @@ def _main(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     """Runs the command line `argv` (argv[0]: the program name)."""
-    commands.run_absl(_main, argv, __doc__)
+    commands.run_absl(_main, argv, __doc__, config_overrides=True)

@@ -84,7 +84,8 @@ def predict(run, paths: list[str], dataset: str | None, k: int, batch_size: int 
     mesh, _ = runner.make_mesh(config)
     with trained.version_errors(run):
         inp = vitask.check_inputs(config)
-        t = trained.load(run.workdir, mesh, checkpoints={"model": inp.ckpt, "tsm": inp.clip_dir})
+        t = trained.load(run, mesh, checkpoints={"model": inp.ckpt, "tsm": inp.clip_dir},
+                         fits=("tsm", "vitask_stage1", "vitask_stage2"))   # not the 'vanilla' baseline's
         needed = {"tsm", "vitask_stage1"} - set(t.fits)
         if needed:
             raise errors.UserError(f"{run.workdir} has no checkpoint {', '.join(sorted(needed))}: its training did "

@@ -30,32 +30,21 @@ from vlm_jax.programs import commands
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics, checkpoints, results.")
 flags.mark_flags_as_required(["config", "workdir"])
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "jax.distributed.initialize() first: auto = when the environment shows a multi-process job (SLURM_NTASKS>1, "
-    "Open MPI, a TPU pod slice, JAX_COORDINATOR_ADDRESS) or the flags below are given; on = always (JAX "
-    "auto-detects the cluster); off = never (one process).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0's coordinator (same on every process); default: detected.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes; default: detected.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes); default: detected.",
-                                   lower_bound=0)
+_DISTRIBUTED = commands.distributed_flags()   # --distributed, --coordinator_address, ...: shared with eval, predict
 
 
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(commands.quiet_libraries)
-    from vlm_jax.runtime import distributed  # after flag parsing: keeps --help fast
-
     # Before anything touches a JAX backend (loading the config does not).
-    try:
-        multiprocess = distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-                                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-    except ValueError as e:  # contradicting flags, or jax's own check of the detected/given values
-        print(f"error: {commands.one_line(e)}", file=sys.stderr)
-        sys.exit(2)
     from vlm_jax import errors
+    from vlm_jax.runtime import distributed  # after flag parsing: keeps --help fast
+    try:
+        multiprocess = commands.initialize_distributed()
+    except errors.UserError as e:  # contradicting flags, or jax's own check of the detected/given values
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
     if multiprocess:
         import jax

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import importlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
@@ -129,6 +130,45 @@ def read_run(workdir: str) -> Run:
     return Run(workdir, ml_collections.ConfigDict(raw), program, results)
 
 
+def with_overrides(run: Run, args: Sequence[str]) -> Run:
+    """`run` with `--config.KEY=VALUE` arguments applied to its config, parsed as the launcher parses them.
+
+    Only the keys that do not change what was trained are accepted: `runtime.workdir.RESUME_EXEMPT` (where the
+    data lives, the mesh, evaluation batch size, sets and evaluators), e.g. for data moved since training or
+    other hardware.
+
+    Raises:
+      UserError: a key the run's config does not have, one that would change what was trained, or a bad value.
+    """
+    if not args:
+        return run
+    from absl import flags
+    from ml_collections import config_flags
+
+    from vlm_jax.programs import commands
+    from vlm_jax.runtime import workdir as workdir_lib
+
+    for arg in args:
+        key = arg[len("--config."):].split("=", 1)[0]
+        node: Any = run.config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise errors.UserError(f"unknown config key: --config.{key} is not a key of {run.workdir}/config.json")
+            node = node[part]
+        if not any(fnmatch.fnmatchcase(key, p) for p in workdir_lib.RESUME_EXEMPT):
+            raise errors.UserError(
+                f"--config.{key} would change what the run trained: eval and predict take only keys matching "
+                f"{', '.join(workdir_lib.RESUME_EXEMPT)} (to change {key}, train again with vlm-jax train)")
+    values, argv = flags.FlagValues(), ["vlm-jax", *args]
+    try:   # sys_argv: config_flags finds the overrides in it (by default it reads sys.argv)
+        holder = config_flags.DEFINE_config_dict("config", run.config.copy_and_resolve_references(),
+                                                 flag_values=values, sys_argv=argv)
+        values(argv)
+    except Exception as e:  # noqa: BLE001 - absl's flags.Error, or the config's own (a value of the wrong type)
+        raise errors.UserError(commands.flag_error(e)) from None
+    return dataclasses.replace(run, config=holder.value)
+
+
 def program_module(run: Run):
     """The `vlm_jax.programs` module that ran `run` (its `run(config, workdir)`)."""
     return importlib.import_module(f"vlm_jax.programs.{run.program}")
@@ -181,8 +221,35 @@ def fit_names(workdir: str) -> list[str]:
     return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))) if os.path.isdir(root) else []
 
 
+def _restore_kept(manager, step: int) -> tuple[dict[str, Any], str, PyTree]:
+    """(meta, the kept item: 'best' when the run selected an epoch else 'state', its tree) of `step`, as host
+    arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    item = "best" if meta.get("best_epoch", -1) >= 0 else "state"
+    tree = manager.item_metadata(step)[item].tree
+    target = {"params": tree["params"]} if item == "state" else tree
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    got = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)}))[item]
+    return meta, item, got
+
+
+def _damaged(workdir: str, directory: str, step: int, why: str) -> errors.UserError:
+    return errors.UserError(
+        f"checkpoint step {step} in {directory} is damaged ({why}): rerun `vlm-jax train` with the run's --config "
+        f"and --workdir={workdir} to retrain from the newest good step, then run this command again")
+
+
 def restore_fit(workdir: str, name: str) -> Fit:
     """The params fit `name` kept ('best' if the run selected an epoch, else the final state's), as host arrays.
+
+    Only the newest step is read: an older one is a training that had not finished. When the newest is damaged,
+    the training's resume (`train.checkpoints.restore_newest`) would go back to the newest good step and train
+    again from there, which is what the error says to do.
 
     Raises:
       UserError: no checkpoint of that name, or its newest step cannot be read or does not match its checksum.
@@ -199,33 +266,28 @@ def restore_fit(workdir: str, name: str) -> Fit:
                                f"{', '.join(fit_names(workdir)) or 'none'})")
     handlers = {"best": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_handlers=handlers)
+    # save_interval_steps=0, create=False: what read_only implies (orbax warns about each when they are left out).
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     step = manager.latest_step()
     if step is None:
         raise errors.UserError(f"{directory} holds no finished checkpoint step")
     try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        item = "best" if meta.get("best_epoch", -1) >= 0 else "state"
-        tree = manager.item_metadata(step)[item].tree
-        target = {"params": tree["params"]} if item == "state" else tree
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        got = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)}))[item]
+        # As the training's resume reads a damaged step: without tensorstore's late 'Event loop is closed' noise.
+        with ckpt_lib._quiet_closed_event_loop():
+            meta, item, got = _restore_kept(manager, step)
     except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign folder raises
-        raise errors.UserError(f"checkpoint step {step} in {directory} cannot be read "
-                               f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+        raise _damaged(workdir, directory, step, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
     finally:
         manager.close()
     params = got["params"] if item == "state" else got
     want = meta.get("checksum", {}).get(item)
     if want is not None:
-        sums, _ = ckpt_lib.tree_checksum(params, mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]))
+        # On this process's own device: every process of a multi-process eval checks its own host copy.
+        sums, _ = ckpt_lib.tree_checksum(params, mesh_lib.make_mesh({"data": 1}, jax.local_devices()[:1]))
         # The state's checksums run over (step, params..., optimizer state...): the params' are 1..n.
         if sums != (want if item == "best" else want[1:1 + len(sums)]):
-            raise errors.UserError(f"checkpoint step {step} in {directory}: its {item} params do not match the "
-                                   "checksum written with them (damaged)")
+            raise _damaged(workdir, directory, step, f"its {item} params do not match the checksum written with them")
     epoch = int(meta["best_epoch"]) if item == "best" else int(meta["epoch"]) - 1
     return Fit(name, int(step), epoch, params)
 
@@ -249,15 +311,16 @@ def resolve_checkpoints(run: Run) -> dict[str, str]:
         return {"model": inputs.ckpt, "tsm": inputs.clip_dir}
 
 
-def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool = True,
-         checkpoints: dict[str, str] | None = None) -> Trained:
+def load(workdir: str | Run, mesh: jax.sharding.Mesh | None = None, with_model: bool = True,
+         checkpoints: dict[str, str] | None = None, fits: Sequence[str] | None = None) -> Trained:
     """The trained run of `workdir` (see the module docstring).
 
     Args:
-      workdir: a workdir written by `vlm-jax train`.
+      workdir: a workdir written by `vlm-jax train`, or its `Run` (e.g. `with_overrides`: its config is used).
       mesh: where the LVLM's base params go (default: the run's config.mesh).
       with_model: load the base model and params (False: config, checkpoints and fits only).
       checkpoints: the base checkpoints when the caller has resolved them already (`resolve_checkpoints`).
+      fits: the fits to restore (default: every fit of the workdir); one the workdir lacks is left out.
 
     Raises:
       UserError: not a workdir, a config of another version, a base checkpoint that cannot be found, no
@@ -265,12 +328,12 @@ def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool =
     """
     from vlm_jax.programs import runner
 
-    run = read_run(workdir)
+    run = workdir if isinstance(workdir, Run) else read_run(workdir)
     names = fit_names(run.workdir)
     if not names and run.program != "fewshot_clip":
         raise errors.UserError(f"{run.workdir} holds no checkpoint: its training did not save one yet")
     checkpoints = checkpoints or resolve_checkpoints(run)
-    fits = {n: restore_fit(run.workdir, n) for n in names}
+    kept = {n: restore_fit(run.workdir, n) for n in names if fits is None or n in fits}
     model = base = None
     if with_model:
         with version_errors(run):
@@ -280,4 +343,4 @@ def load(workdir: str, mesh: jax.sharding.Mesh | None = None, with_model: bool =
             else:
                 run_mesh, rules = runner.make_mesh(run.config)   # the run's config.mesh_rules too
                 model, base = runner.load_lvlm(checkpoints["model"], run.config.model, mesh or run_mesh, rules)
-    return Trained(run, checkpoints, model, base, fits)
+    return Trained(run, checkpoints, model, base, kept)
