@@ -14,8 +14,8 @@ kv_heads -> tensor):
     over two axes, weights split along embed and along mlp / heads), so a wrong rule, a lost all-reduce or a
     re-laid-out optimizer state shows. The pure data (8) and pure fsdp (8) meshes that ran before for DualAdapter
     and TSM only switch on subsets of these rules, so they are not repeated.
-  - fsdp (8) for VladVA and VITask on LLaVA: the LVLM recipe's own mesh, and 8-way splits of the 32-wide
-    embeddings (2-way under the mixed mesh) put the shards' boundaries inside attention heads and kv groups.
+  - fsdp (8) for VladVA and VITask on LLaVA: the mesh a large LVLM needs (weights split, not replicated), at its
+    widest: each weight's embed dimension split 8 ways (4 of 32 per device) and one batch row per device.
   - VladVA and VITask on InternVL and on Qwen2-VL ('families') under the mixed mesh: their own vision towers,
     tile / M-RoPE inputs and projector layouts meet the sharding rules.
 """
