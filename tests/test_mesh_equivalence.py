@@ -19,7 +19,7 @@ def test_train_step_equal_on_1_and_8_devices_under_each_mesh():
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_child.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-    failed = [line[:2000] for line in proc.stdout.split("\nFAIL ")[1:]]
+    failed = [report[:2000] for report in ("\n" + proc.stdout).split("\nFAIL ")[1:]]   # each with its traceback
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("OK"), (proc.stdout[-2000:], proc.stderr[-4000:])
     for name in mesh_child.CASES:   # every case ran, on its one mesh
