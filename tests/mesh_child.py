@@ -1,15 +1,29 @@
 """Child process for tests/test_mesh_equivalence.py (needs 8 fake CPU devices; run by the test).
 
-  python tests/mesh_child.py METHOD
+  python tests/mesh_child.py [CASE ...]      (all of CASES when none is named)
 
-For METHOD in {dualadapter, tsm, vladva, vitask}: builds the method's real loss function on a tiny random
-model (LLaVA for the LVLM methods; METHOD 'families': VladVA and VITask on InternVL and on Qwen2-VL), trains 2 steps with `trainer.fit` on 1 device and under each mesh of MESHES (the model's parameters laid
-out by their logical axes, `mesh.shard_params`), and checks the per-step losses and the updated trainable
-parameters against the 1-device run. Prints OK on success.
+Each case builds a method's real loss function on a tiny random model, trains 2 steps with `trainer.fit` on 1
+device and under one 8-device mesh (the model's parameters laid out by their logical axes, `mesh.shard_params`),
+and checks the per-step losses and the updated trainable parameters against the 1-device run. Prints one line
+per case that passed and one `FAIL <case>: ...` line per case that did not (then exits 1); OK when all passed.
+All cases run in this one process: each child costs ~8 s of imports, and each mesh a step compile of 5-20 s.
+
+Which meshes, and why (mesh.DEFAULT_RULES: batch -> data x fsdp, embed -> fsdp, mlp / heads / vocab /
+kv_heads -> tensor):
+  - data x fsdp x tensor (2 x 2 x 2) for every method: every rule of the table is active at once (the batch split
+    over two axes, weights split along embed and along mlp / heads), so a wrong rule, a lost all-reduce or a
+    re-laid-out optimizer state shows. The pure data (8) and pure fsdp (8) meshes that ran before for DualAdapter
+    and TSM only switch on subsets of these rules, so they are not repeated.
+  - fsdp (8) for VladVA and VITask on LLaVA: the mesh a large LVLM needs (weights split, not replicated), at its
+    widest: each weight's embed dimension split 8 ways (4 of 32 per device) and one batch row per device.
+  - VladVA and VITask on InternVL and on Qwen2-VL ('families') under the mixed mesh: their own vision towers,
+    tile / M-RoPE inputs and projector layouts meet the sharding rules.
 """
 
+import functools
 import re
 import sys
+import traceback
 
 import flax.linen as nn
 import jax
@@ -26,12 +40,19 @@ from vlm_jax.runtime import mesh as mesh_lib
 from vlm_jax.train import trainer
 
 jax.config.update("jax_default_matmul_precision", "highest")
-MESHES = ({"data": 8}, {"fsdp": 8, "data": 1}, {"data": 2, "fsdp": 2, "tensor": 2})
-# The LVLM methods skip the pure data-parallel mesh, which the CLIP methods cover: each LVLM mesh compiles for
-# about a minute on 2 CPU cores, and fsdp / tensor are their recipes. On LLaVA they run the fsdp mesh; the
-# data x fsdp x tensor mesh runs them on InternVL and Qwen2-VL ('families'), so each mesh meets each method.
-LVLM_MESHES = MESHES[1:2]
-FAMILY_MESHES = MESHES[2:]
+FSDP = {"fsdp": 8, "data": 1}
+MIXED = {"data": 2, "fsdp": 2, "tensor": 2}
+# name -> (setup function name, model family or None, mesh); see the module docstring for why these meshes.
+CASES = {
+    "dualadapter": ("setup_dualadapter", None, MIXED),
+    "tsm": ("setup_tsm", None, MIXED),
+    "vladva/llava": ("setup_vladva", "llava", FSDP),
+    "vitask/llava": ("setup_vitask", "llava", FSDP),
+    "vladva/internvl": ("setup_vladva", "internvl", MIXED),
+    "vladva/qwen2_vl": ("setup_vladva", "qwen2_vl", MIXED),
+    "vitask/internvl": ("setup_vitask", "internvl", MIXED),
+    "vitask/qwen2_vl": ("setup_vitask", "qwen2_vl", MIXED),
+}
 B, STEPS = 8, 2
 # float32 with different reduction orders (sharded matmuls, all-reduced gradients): equal up to rounding.
 # ATOL is 1e-3 of one lr-1e-2 step.
@@ -55,6 +76,7 @@ def _llava():
     return model, jax.device_get(params)
 
 
+@functools.cache   # VladVA and VITask train the same base model: built (and its init compiled) once per family
 def _family(kind):
     """The tiny LLaVA of `_llava`, or a tiny random InternVL (InternViT 56 px tiles of 14 px patches -> 4 tokens,
     Llama LM) or Qwen2-VL (56 px images -> 16 patches -> 4 merged tokens, Qwen2 LM with M-RoPE), built in-process,
@@ -189,22 +211,28 @@ def setup_vitask(rng, family="llava"):
             "base/language_model/.*/up_proj/kernel")
 
 
-# eps 1e-4, not 1e-8: some gradients are exactly zero in exact arithmetic (a key projection's bias: softmax is
-# shift-invariant), so both runs see only rounding noise (~1e-9) there, and Adam with a tiny eps would blow
-# that noise up to full lr-sized steps of random sign.
 def main():
-    method = sys.argv[1]
     assert len(jax.devices()) == 8, jax.devices()
-    if method == "families":  # each LVLM method on the other families, on the mixed mesh only (compile time)
-        for name in ("vladva", "vitask"):
-            for family in ("internvl", "qwen2_vl"):
-                check(f"{name}/{family}", globals()[f"setup_{name}"](np.random.default_rng(0), family), FAMILY_MESHES)
-    else:
-        check(method, globals()[f"setup_{method}"](np.random.default_rng(0)),
-              LVLM_MESHES if method in ("vladva", "vitask") else MESHES)
+    names = sys.argv[1:] or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    assert not unknown, f"unknown case(s) {unknown}; known: {list(CASES)}"
+    failed = []
+    for name in names:   # every case runs even after a failure, so one run reports all of them
+        setup_name, family, mesh = CASES[name]
+        try:
+            setup = globals()[setup_name](np.random.default_rng(0), *([family] if family else []))
+            check(name, setup, [mesh])
+        except Exception:  # noqa: BLE001 -- reported below, and the exit status says it
+            failed.append(name)
+            print(f"FAIL {name}: {traceback.format_exc()}", flush=True)
+    if failed:
+        sys.exit(1)
     print("OK")
 
 
+# eps 1e-4, not 1e-8: some gradients are exactly zero in exact arithmetic (a key projection's bias: softmax is
+# shift-invariant), so both runs see only rounding noise (~1e-9) there, and Adam with a tiny eps would blow
+# that noise up to full lr-sized steps of random sign.
 def check(method, setup, meshes):
     """Trains STEPS steps on 1 device and under each mesh of `meshes`; losses and parameters must agree."""
     loss_fn, params, groups, batches, place, sharded_path = setup

@@ -9,6 +9,7 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+from launch_inprocess import assert_one_line_error, launch_main
 
 from vlm_jax.data import chat, pairs, tokenize
 from vlm_jax.errors import UserError
@@ -173,13 +174,10 @@ def shared_cache(tmp_path_factory):
     (["--config.train.epochs=0"], "--config.train.epochs=0 is out of range"),
     (["--config.model.chat_template=USER: ASSISTANT:"], "neither a Jinja template nor a format with one '{}'"),
 ])
-def test_bad_values_are_one_line_before_any_work(tmp_path, shared_cache, overrides, message):
+def test_bad_values_are_one_line_before_any_work(tmp_path, shared_cache, capsys, monkeypatch, overrides, message):
     # One cache for the three cases: the replica (same texts, so the same folder) is written once, not per case.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", VLM_JAX_CACHE=shared_cache)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"),
-                           "--config=configs/vladva.py:runlocal", f"--workdir={tmp_path / 'run'}", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, last
+    # In this process (tests/launch_inprocess.py): a child per case spent ~8 s importing before the refusal.
+    code, lines = launch_main(["--config=configs/vladva.py:runlocal", f"--workdir={tmp_path / 'run'}", *overrides],
+                              capsys, monkeypatch, env={"VLM_JAX_CACHE": shared_cache})
+    assert_one_line_error(code, lines, message)
     assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from launch_inprocess import assert_one_line_error, launch_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"zeroshot", "tip_adapter", "tip_adapter_f", "dualadapter", "dualadapter_f"}
@@ -80,6 +81,9 @@ def test_eight_devices_equal_one_device(runlocal, tmp_path):
         np.testing.assert_allclose(eight[name]["val_accuracy"], one[name]["val_accuracy"], atol=1e-6, err_msg=name)
 
 
+# The refusals below run launch/main.py's main in this process (tests/launch_inprocess.py: a child would spend
+# ~8 s importing before each); test_bad_config_argument_and_missing_config_file runs the real child once.
+
 @pytest.mark.parametrize("arg, override, expected", [
     ("runlocal", "--config.model.checkpoint=/nonexistent/clip", "/nonexistent/clip"),
     ("runlocal", "--config.model.checkpoint=someone/not-in-cache", "someone/not-in-cache"),
@@ -89,13 +93,12 @@ def test_eight_devices_equal_one_device(runlocal, tmp_path):
     ("runlocal", "--config.data.rooot=/data", 'Did you mean "root"'),
     ("dataset=mnist", "--config.data.root=/data", "unknown dataset 'mnist'; known: imagenet"),
 ])
-def test_bad_input_is_one_line_and_no_results(tmp_path, arg, override, expected):
-    workdir = str(tmp_path / "bad")
-    proc = _launch(workdir, override, arg=arg)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
-    assert not os.path.exists(os.path.join(workdir, "results.json"))
+def test_bad_input_is_one_line_and_no_results(tmp_path, capsys, monkeypatch, arg, override, expected):
+    workdir = tmp_path / "bad"
+    code, lines = launch_main([f"--config=configs/dualadapter.py:{arg}", f"--workdir={workdir}", override], capsys,
+                              monkeypatch, env={"VLM_JAX_CACHE": str(workdir / "cache")})
+    assert_one_line_error(code, lines, expected)
+    assert not (workdir / "results.json").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -106,22 +109,24 @@ def test_bad_input_is_one_line_and_no_results(tmp_path, arg, override, expected)
     (["--config=configs/dualadapter.py:runlocal", "--config.data.batch_size=8"],
      "--config.data.batch_size was renamed to --config.data.eval_batch_size"),
 ])
-def test_renamed_keys_and_configs_are_one_line(tmp_path, flags, message):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), *flags, f"--workdir={tmp_path}/w"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
+def test_renamed_keys_and_configs_are_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    code, lines = launch_main([*flags, f"--workdir={tmp_path}/w"], capsys, monkeypatch)
+    assert code == 2 and lines == [f"error: {message}"], lines[-20:]
     assert not (tmp_path / "w").exists()
 
 
-def test_bad_config_argument_and_missing_config_file(tmp_path):
-    proc = _launch(str(tmp_path / "bad"), arg="runlocl")
-    assert proc.returncode == 2 and "unknown config argument 'runlocl'" in proc.stderr.strip().splitlines()[-1]
+def test_bad_config_argument_and_missing_config_file(tmp_path, capsys, monkeypatch):
+    """The missing config file runs as a real child process: the one proof for launch/main.py that a refusal is
+    exactly one `error:` line on stderr and exit code 2, from the command line to the process's end."""
+    code, lines = launch_main(["--config=configs/dualadapter.py:runlocl", f"--workdir={tmp_path / 'bad'}"], capsys,
+                              monkeypatch)
+    assert_one_line_error(code, lines, "unknown config argument 'runlocl'")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config=configs/nothere.py",
-                           f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           f"--workdir={tmp_path}/w"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "configs/nothere.py" in proc.stderr
+    assert proc.stderr.startswith("error: ") and not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("arg, overrides, message", [
@@ -129,12 +134,11 @@ def test_bad_config_argument_and_missing_config_file(tmp_path):
     ("runlocal", ["--config.data.shots=-3"], "shots must be a whole number >= 1, got -3"),
     ("runlocal", ["--config.dualadapter.train.epochs=0"], "--config.dualadapter.train.epochs=0 is out of range"),
 ])
-def test_bad_values_are_one_line_and_write_nothing(tmp_path, arg, overrides, message):
+def test_bad_values_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, arg, overrides, message):
     workdir = tmp_path / "run"
-    proc = _launch(str(workdir), *overrides, arg=arg, cache=tmp_path / "cache")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, last
+    code, lines = launch_main([f"--config=configs/dualadapter.py:{arg}", f"--workdir={workdir}", *overrides], capsys,
+                              monkeypatch, env={"VLM_JAX_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(code, lines, message)
     assert not workdir.exists()
 
 

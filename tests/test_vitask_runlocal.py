@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from launch_inprocess import assert_one_line_error, launch_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("TSM", "vanilla (L_van)", "VITask w/o EP", "VITask w/ EP")
@@ -88,14 +89,13 @@ def _predict_gives_the_evaluated_accuracies(tmp_path, env, workdir, results):
     ("configs/vladva.py:runlocal", "--config.model.checkpoint=/nonexistent/llava"),
     ("configs/vladva.py:runlocal", "--config.clip_checkpoint=/nonexistent/clip"),
 ])
-def test_missing_checkpoint_is_one_line_before_any_work(tmp_path, config, override):
+def test_missing_checkpoint_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, config, override):
+    # In this process (tests/launch_inprocess.py): a child per case spent ~8 s importing before the refusal.
     workdir = tmp_path / "run"
-    env = dict(os.environ, VLM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "launch/main.py", f"--config={config}", f"--workdir={workdir}", override],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "/nonexistent/" in last and config.split(":")[0] in last, last
+    code, lines = launch_main([f"--config={config}", f"--workdir={workdir}", override], capsys, monkeypatch,
+                              env={"VLM_JAX_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(code, lines, "/nonexistent/")
+    assert config.split(":")[0] in lines[-1], lines[-1]
     assert not workdir.exists()  # nothing half-written, no model trained for nothing
 
 
@@ -121,15 +121,11 @@ def _chest(root):
     (["--config.data.train_limit=1"], "dataset 'builtin_a' has one distinct answer"),   # no CRT negative
     (["--config.train.batch_size=0"], "--config.train.batch_size=0 is out of range: it must be a number >= 1"),
 ])
-def test_data_errors_are_one_line_before_any_work(tmp_path, overrides, message):
+def test_data_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, overrides, message):
     _chest(tmp_path / "data")
     workdir = tmp_path / "run"
-    env = dict(os.environ, VLM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
     args = [o.replace("{tmp}", str(tmp_path)) for o in overrides] + [f"--config.data.root={tmp_path / 'data'}"]
-    proc = subprocess.run([sys.executable, "launch/main.py", "--config=configs/vitask.py:runlocal",
-                           f"--workdir={workdir}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, last
+    code, lines = launch_main(["--config=configs/vitask.py:runlocal", f"--workdir={workdir}", *args], capsys,
+                              monkeypatch, env={"VLM_JAX_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(code, lines, message)
     assert not workdir.exists() and not (tmp_path / "cache").exists()

@@ -310,9 +310,27 @@ def test_training_steps_reduce_loss(llava):
     assert float(state.params["log_temperature"]) != float(np.log(0.05))   # the learnable temperature moved
 
 
-def test_microbatched_loss_and_gradients_equal_the_full_batch(llava, k=2):
-    """GradCache-style microbatches: exact InfoNCE over the whole batch, not a mean of smaller ones."""
-    _, model, base = llava
+def _one_layer_llava():
+    """A randomly initialised LLaVA of the fixture's widths with 1 LM and 1 vision layer: for comparisons of one
+    model with itself, where depth would only add compile time (each layer is traced and compiled unrolled)."""
+    import flax.linen as nn
+
+    from vlm_jax.models.llava import Llava
+
+    config = transformers.LlavaConfig(image_token_id=IMAGE_TOKEN, vision_config={**VISION, "num_hidden_layers": 1},
+                                      text_config=dict(model_type="llama", **{**TEXT, "num_hidden_layers": 1}))
+    model = Llava.from_hf_config(config)
+    # Random weights from the parameter shapes (norm scales near 1): no compile of `init`, which took 2 s here.
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(5), *model.init_inputs())["params"])
+    rng = np.random.default_rng(5)
+    return model, jax.tree_util.tree_map_with_path(
+        lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+
+
+def test_microbatched_loss_and_gradients_equal_the_full_batch(k=2):
+    """GradCache-style microbatches: exact InfoNCE over the whole batch, not a mean of smaller ones (the reference:
+    the same loss over the full batch at once)."""
+    model, base = _one_layer_llava()
     table = base["language_model"]["model"]["embed_tokens"]["embedding"]
     params = {"lora": peft.lora_init(base, jax.random.key(0), targets=disc.LORA_TARGETS, rank=4),
               "image_prompt": peft.soft_prompt_init(table, IMG_PROMPT),
