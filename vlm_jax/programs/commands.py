@@ -89,6 +89,19 @@ def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 _DISTRIBUTED: types.SimpleNamespace | None = None
 
 
+def shared_flag(module: str, define, name: str, *args, **kwargs):
+    """The holder of flag `name` on absl's FLAGS, defined with `define(name, *args, **kwargs)` unless another
+    subcommand module already defined it (--workdir, --out: the modules may be imported into one process, e.g.
+    a test's, where a second definition is absl's DuplicateFlagError); either way listed in `module`'s --help."""
+    from absl import flags
+
+    if name not in flags.FLAGS:
+        return define(name, *args, **kwargs)
+    flag = flags.FLAGS[name]
+    flags.FLAGS.register_flag_by_module(module, flag)
+    return flags.FlagHolder(flags.FLAGS, flag)
+
+
 def distributed_flags() -> types.SimpleNamespace:
     """The multi-process flags, defined once on absl's FLAGS by whichever subcommand module asks first (this
     module is where they live: the subcommands, which may be imported together, share one definition).

@@ -28,7 +28,8 @@ from ml_collections import config_flags
 from vlm_jax.programs import commands
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:args]", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the resolved config, metrics, checkpoints, results.")
+_WORKDIR = commands.shared_flag(__name__, flags.DEFINE_string, "workdir", None,
+                                    "Directory for the resolved config, metrics, checkpoints, results.")
 flags.mark_flags_as_required(["config", "workdir"])
 _DISTRIBUTED = commands.distributed_flags()   # --distributed, --coordinator_address, ...: shared with eval, predict
 
