@@ -1,14 +1,15 @@
 """A child process for tests/test_fault_tolerance.py: a small MLP with dropout trained by `trainer.fit`.
 
   python tests/ft_child.py WORKDIR OUT.npz [--kill-at STEP] [--term-at STEP] [--nan-at STEP] [--every N]
-                           [--keep K] [--hidden H] [--grain]
+                           [--keep K] [--hidden H] [--grain] [--restore-only]
 
 --kill-at / --term-at send SIGKILL / SIGTERM to this process when the batch after STEP is requested (for
 --kill-at the async save of STEP has just been issued, so the kill usually lands mid-save); --nan-at poisons
 that step's batch; --keep is the number of checkpoints kept; --hidden the MLP's width (the default 256 makes
 tensorstore write the arrays to data files, where a flipped byte goes unnoticed, not inline in its index).
 --grain feeds the same batches through `data.pipeline.EpochBatches` (built ahead in grain's threads, so a signal
-sent while building batch STEP lands a few steps earlier). The final trainable params go to OUT.npz. A UserError
+sent while building batch STEP lands a few steps earlier). --restore-only runs the fit under
+`trainer.restore_only()`, as `vlm-jax eval` does. The final trainable params go to OUT.npz. A UserError
 (a damaged workdir, a full disk) is one `error:` line and exit code 2, as launch/main.py reports it.
 """
 
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--grain", action="store_true")
     ap.add_argument("--keep", type=int, default=2)
+    ap.add_argument("--restore-only", action="store_true")
     a = ap.parse_args()
     logging.set_verbosity(logging.INFO)   # the test reads the 'resumed from' line
 
@@ -82,12 +84,14 @@ def main():
     params = {"mlp": {"w1": jnp.asarray(rng.normal(size=(4, a.hidden)) * 0.5, jnp.float32),
                       "w2": jnp.zeros((a.hidden, 1), jnp.float32)},
               "frozen": {"scale": jnp.ones(())}}
+    import contextlib
     try:
-        result = trainer.fit(
-            loss_fn=loss_fn, params=params, param_groups=[("mlp/.*", 1.0)],
-            optim={"name": "adamw", "lr": 0.05, "weight_decay": 0.01}, num_epochs=EPOCHS, steps_per_epoch=STEPS,
-            epoch_batches=epoch_batches, mesh=mesh_lib.make_mesh(), rng=jax.random.key(1), workdir=a.workdir,
-            checkpoint_every_steps=a.every, accum_steps=a.accum, log_every_s=1e9, max_to_keep=a.keep)
+        with trainer.restore_only() if a.restore_only else contextlib.nullcontext():
+            result = trainer.fit(
+                loss_fn=loss_fn, params=params, param_groups=[("mlp/.*", 1.0)],
+                optim={"name": "adamw", "lr": 0.05, "weight_decay": 0.01}, num_epochs=EPOCHS, steps_per_epoch=STEPS,
+                epoch_batches=epoch_batches, mesh=mesh_lib.make_mesh(), rng=jax.random.key(1), workdir=a.workdir,
+                checkpoint_every_steps=a.every, accum_steps=a.accum, log_every_s=1e9, max_to_keep=a.keep)
     except trainer.Preempted as e:
         print(f"PREEMPTED {e.step}", flush=True)
         sys.exit(143)

@@ -138,6 +138,10 @@ def test_damaged_checkpoints_are_skipped_and_the_resumed_run_equals_an_uninterru
     assert str(e.value).startswith(f"checkpoint step 24 in {ckpts} is damaged (") and str(e.value).endswith(
         f": rerun `vlm-jax train` with the run's --config and --workdir={tmp_path / 'w'} to retrain from the newest "
         "good step, then run this command again"), e.value
+    # The trainer under restore_only (what eval runs) reads the workdir and never changes it: the damaged steps stay.
+    proc = _child(tmp_path / "w", tmp_path / "p.npz", "--restore-only")
+    assert proc.returncode == 2 and "error: " in proc.stderr, proc.stderr[-3000:]
+    assert _steps(tmp_path / "w") == [20, 21, 22, 23, 24]
     proc = _child(tmp_path / "w", tmp_path / "p.npz")
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "is damaged" in line]

@@ -211,7 +211,8 @@ def _try_restore(manager, step: int, state: PyTree, best: PyTree | None, mesh, c
 
 
 def restore_newest(manager: ocp.CheckpointManager, state: PyTree, best: PyTree | None, mesh: jax.sharding.Mesh,
-                   check_meta: Callable[[dict], None], name: str) -> tuple[int, dict[str, Any]] | None:
+                   check_meta: Callable[[dict], None], name: str, delete_damaged: bool = True
+                   ) -> tuple[int, dict[str, Any]] | None:
     """(step, {'meta', 'state', 'best'}) of the newest step that reads back whole and verifies; None if none.
 
     Damaged newer steps get one warning each and are deleted (a resumed run saves those step numbers again).
@@ -222,6 +223,7 @@ def restore_newest(manager: ocp.CheckpointManager, state: PyTree, best: PyTree |
       mesh: for the checksums.
       check_meta: raises a UserError when a step's meta does not fit this run (e.g. steps per epoch).
       name: the run's name, for the messages.
+      delete_damaged: False: leave the damaged steps where they are (a read-only command: `trainer.restore_only`).
 
     Raises:
       UserError: checkpoints exist but none is usable.
@@ -234,7 +236,7 @@ def restore_newest(manager: ocp.CheckpointManager, state: PyTree, best: PyTree |
         for step in steps:
             got, why = _try_restore(manager, step, state, best, mesh, check_meta)
             if got is not None:
-                for bad in damaged:
+                for bad in damaged if delete_damaged else ():
                     manager.delete(bad)
                 return step, got
             logging.warning("%s: checkpoint step %d in %s is damaged: %s; skipping it", name, step,

@@ -591,7 +591,9 @@ def _restore(manager, state, best, with_best: bool, steps_per_epoch: int, name: 
                 f"{name}: the checkpoint in {manager.directory} was written with {meta['steps_per_epoch']} steps "
                 f"per epoch, this run has {steps_per_epoch} (a different dataset or batch size): use a new --workdir")
 
-    found = ckpt_lib.restore_newest(manager, state, state.params if with_best else None, mesh, check_meta, name)
+    # Under restore_only (vlm-jax eval / predict) the workdir is read, never changed: damaged steps stay.
+    found = ckpt_lib.restore_newest(manager, state, state.params if with_best else None, mesh, check_meta, name,
+                                    delete_damaged=not _RESTORE_ONLY.get())
     if found is None:
         return state, best, [], {}
     step, got = found
