@@ -33,10 +33,10 @@ from vlm_jax import errors
 from vlm_jax.programs import commands
 
 _WORKDIR = commands.shared_flag(__name__, flags.DEFINE_string, "workdir", None,
-                                    "The workdir of a run (`vlm-jax train --workdir`).")
+                                "The workdir of a run (`vlm-jax train --workdir`).")
 _OUT = commands.shared_flag(__name__, flags.DEFINE_string, "out", None,
-                                "Directory for results.json / results.md (default: eval_results.json / "
-                           ".md in the workdir).")
+                            "Directory for results.json / results.md (default: eval_results.json / "
+                            ".md in the workdir).")
 flags.mark_flags_as_required(["workdir"])
 _DISTRIBUTED = commands.distributed_flags()   # the same multi-process flags as vlm-jax train
 

@@ -34,11 +34,11 @@ from vlm_jax import errors
 from vlm_jax.programs import commands
 
 _WORKDIR = commands.shared_flag(__name__, flags.DEFINE_string, "workdir", None,
-                                    "The workdir of a run (`vlm-jax train --workdir`).")
+                                "The workdir of a run (`vlm-jax train --workdir`).")
 _FOLDER = flags.DEFINE_string("folder", None, "Predict every image file under this folder (recursively).")
 _OUT = commands.shared_flag(__name__, flags.DEFINE_string, "out", None,
-                                "Write the predictions as JSON to this file (VladVA: and the embeddings "
-                           "as <out without .json>.embeddings.npy).")
+                            "Write the predictions as JSON to this file (VladVA: and the embeddings "
+                            "as <out without .json>.embeddings.npy).")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Classes shown per image (few-shot CLIP, VITask's ranking).", lower_bound=1)
 _METHODS = flags.DEFINE_list("methods", None, "Few-shot CLIP: the methods to predict with (default: the run's).")
 _PROTOCOL = flags.DEFINE_enum("protocol", None, ["paper", "realistic"], "Few-shot CLIP: one protocol only "

@@ -29,7 +29,7 @@ from vlm_jax.programs import commands
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:args]", lock_config=True)
 _WORKDIR = commands.shared_flag(__name__, flags.DEFINE_string, "workdir", None,
-                                    "Directory for the resolved config, metrics, checkpoints, results.")
+                                "Directory for the resolved config, metrics, checkpoints, results.")
 flags.mark_flags_as_required(["config", "workdir"])
 _DISTRIBUTED = commands.distributed_flags()   # --distributed, --coordinator_address, ...: shared with eval, predict
 
