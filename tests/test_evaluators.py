@@ -94,17 +94,33 @@ def test_selection_without_a_selection_split_is_one_line(tmp_path):
         _finetune(tmp_path, {"v": {"type": "selection"}}, keep_epoch=1)
 
 
-@pytest.mark.parametrize("evals, match", [
-    ({"v": {"type": "suite"}}, r"evals.v.type='suite' is not an evaluator of this program: use one of selection, "
-                               r"test"),
-    ({"v": {"type": "test", "every": 5}}, r"evals.v: unknown key 'every' for type 'test'"),
-    ({"v": {"type": "test", "every_steps": -1}}, r"evals.v.every_steps=-1"),
+def _check_fewshot(config):
+    fewshot_clip.check_choices(config)
+
+
+def _check_vitask(config):
+    from vlm_jax.programs import vitask
+    vitask.check_inputs(config)
+
+
+@pytest.mark.parametrize("program, evals, match", [
+    ("dualadapter", {"v": {"type": "suite"}},
+     r"evals.v.type='suite' is not an evaluator of this program: use one of selection, test"),
+    ("dualadapter", {"v": {"type": "test", "every": 5}}, r"evals.v: unknown key 'every' for type 'test'"),
+    ("dualadapter", {"v": {"type": "test", "every_steps": -1}}, r"evals.v.every_steps=-1"),
+    ("vitask", {"v": {"type": "suite"}},
+     r"evals.v.type='suite' is not an evaluator of this program: use one of ranking"),
+    ("vitask", {"v": {"type": "ranking", "split": "train"}}, r"evals.v.split='train': use one of val, test"),
+    ("vitask", {"v": {"type": "ranking", "every": 2}}, r"evals.v: unknown key 'every' for type 'ranking'"),
 ])
-def test_unknown_evaluator_type_or_key_is_one_line_before_any_work(evals, match):
-    config = da_config.get_config("runlocal")
+def test_unknown_evaluator_type_or_key_is_one_line_before_any_work(program, evals, match):
+    from configs import vitask as vitask_config
+
+    module, check = {"dualadapter": (da_config, _check_fewshot), "vitask": (vitask_config, _check_vitask)}[program]
+    config = module.get_config("runlocal")
     config.evals = evals
     with pytest.raises(errors.UserError, match=match) as e:
-        fewshot_clip.check_choices(config)
+        check(config)
     assert "\n" not in str(e.value)
 
 
@@ -115,18 +131,3 @@ def test_every_config_declares_evals_and_mesh_rules_by_one_name():
         assert tuple(cfg.mesh_rules) == ()
     assert evaluators.check(vladva_config.get_config("runlocal").evals, {"suite": lambda: None}) == []
 
-
-@pytest.mark.parametrize("evals, match", [
-    ({"v": {"type": "suite"}}, r"evals.v.type='suite' is not an evaluator of this program: use one of ranking"),
-    ({"v": {"type": "ranking", "split": "train"}}, r"evals.v.split='train': use one of val, test"),
-    ({"v": {"type": "ranking", "every": 2}}, r"evals.v: unknown key 'every' for type 'ranking'"),
-])
-def test_vitask_evaluators_are_checked_before_any_work(evals, match):
-    from configs import vitask as vitask_config
-    from vlm_jax.programs import vitask
-
-    config = vitask_config.get_config("runlocal")
-    config.evals = evals
-    with pytest.raises(errors.UserError, match=match) as e:
-        vitask.check_inputs(config)
-    assert "\n" not in str(e.value)
